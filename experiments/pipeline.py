@@ -1,0 +1,98 @@
+"""Run the requested stages in order, reusing every artifact whose fingerprint is already complete."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from common.artifacts import Artifact, artifact_for
+from common.atomic import atomic_write_json
+from common.stage import StageContext
+from common.tracking import Tracker, make_tracker
+from experiments.stages import STAGES, validate_stages
+
+log = logging.getLogger(__name__)
+
+
+def flatten_numbers(obj: Any, prefix: str) -> dict[str, float]:
+    """Numeric leaves of a manifest as `prefix/a/b` keys for the tracker."""
+    out: dict[str, float] = {}
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            out.update(flatten_numbers(value, f"{prefix}/{key}"))
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        out[prefix] = obj
+    return out
+
+
+def stage_fingerprints(cfg: DictConfig, upto: list[str]) -> dict[str, str]:
+    """Fingerprints of the requested stages and everything upstream of them."""
+    fps: dict[str, str] = {}
+
+    def visit(name: str) -> str:
+        if name not in fps:
+            spec = STAGES[name]
+            fps[name] = spec.fingerprint(cfg, {i: visit(i) for i in spec.inputs})
+        return fps[name]
+
+    for name in upto:
+        visit(name)
+    return fps
+
+
+def run_stage(cfg: DictConfig, name: str, art: Artifact, inputs: dict[str, Artifact], tracker: Tracker) -> dict:
+    """Run one stage into its artifact directory, or reuse it if its manifest says it is complete."""
+    if art.is_complete():
+        log.info("%s: reused artifact %s (fingerprint %s); nothing to do", name, art.path, art.fingerprint)
+        return art.read_manifest()
+    art.path.mkdir(parents=True, exist_ok=True)
+    log.info("%s: running into %s", name, art.path)
+    ctx = StageContext(out_dir=art.path, inputs=inputs, cache_dir=Path(cfg.paths.cache_dir), tracker=tracker)
+    started = time.time()
+    manifest = STAGES[name].run(cfg, ctx)
+    manifest = art.write_manifest({
+        **manifest,
+        "seconds": round(time.time() - started, 3),
+        "inputs": {k: str(v.path) for k, v in inputs.items()},
+        "config": {k: OmegaConf.to_container(OmegaConf.select(cfg, k), resolve=True)
+                   if OmegaConf.is_config(OmegaConf.select(cfg, k)) else OmegaConf.select(cfg, k)
+                   for k in STAGES[name].config_keys},
+    })
+    tracker.log_metrics(flatten_numbers(manifest, name))
+    return manifest
+
+
+def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
+    """Returns {stage: manifest}; writes artifacts.json (stage -> artifact dir) into the run directory."""
+    requested = validate_stages(list(cfg.stages))
+    artifacts_dir = Path(cfg.paths.artifacts_dir).expanduser().resolve()
+    run_dir = Path(cfg.paths.output_dir).expanduser().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fps = stage_fingerprints(cfg, requested)
+    tracker = make_tracker(cfg.get("logger"), str(run_dir), OmegaConf.to_container(cfg, resolve=True))
+    index: dict[str, str] = {}
+    manifests: dict[str, Any] = {}
+    try:
+        for name in requested:
+            inputs: dict[str, Artifact] = {}
+            for upstream in STAGES[name].inputs:
+                art = artifact_for(artifacts_dir, upstream, fps[upstream])
+                if not art.is_complete():
+                    raise RuntimeError(
+                        f"stage '{name}' needs the '{upstream}' artifact {art.path}, which does not exist for "
+                        f"this config; add '{upstream}' to stages (e.g. stages=[{upstream},{name}])"
+                    )
+                inputs[upstream] = art
+            art = artifact_for(artifacts_dir, name, fps[name])
+            manifests[name] = run_stage(cfg, name, art, inputs, tracker)
+            index[name] = str(art.path)
+            atomic_write_json(run_dir / "artifacts.json", index)
+        tracker.log_summary({f"artifacts/{k}": v for k, v in index.items()})
+    finally:
+        tracker.finish()
+    return manifests

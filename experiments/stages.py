@@ -1,0 +1,84 @@
+"""The stage graph: what each stage reads, which config decides its result, and where its code lives."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from common.artifacts import fingerprint
+from common.stage import StageContext, StageNotImplementedError
+
+# Keys that change how fast a stage runs, never what it writes: left out of every fingerprint.
+NON_RESULT_KEYS = ("num_proc", "num_workers", "shard_rows", "flush_every", "progress", "log_every")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    inputs: tuple[str, ...]
+    """Upstream stages whose artifacts this one reads."""
+    config_keys: tuple[str, ...]
+    """Dotted config paths that decide the result (hashed into the fingerprint)."""
+    runner: str | None
+    """"module:function" taking (cfg, StageContext) and returning the manifest; None = not implemented."""
+    extras: str | None = None
+    """"module:function" (cfg) -> extra fingerprint material (e.g. input file signatures)."""
+    pending: str = ""
+    """Said when a not-yet-implemented stage is asked for."""
+    version: int = 1
+    """Bump when the stage's output format or maths changes, to invalidate old artifacts."""
+
+    def _load(self, ref: str) -> Callable[..., Any]:
+        module, func = ref.split(":")
+        return getattr(importlib.import_module(module), func)
+
+    def run(self, cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
+        if self.runner is None:
+            raise StageNotImplementedError(self.name, self.pending)
+        return self._load(self.runner)(cfg, ctx)
+
+    def fingerprint(self, cfg: DictConfig, input_fps: dict[str, str]) -> str:
+        material: dict[str, Any] = {"version": self.version}
+        for key in self.config_keys:
+            node = OmegaConf.select(cfg, key, default=None)
+            material[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+        if self.extras:
+            material["extras"] = self._load(self.extras)(cfg)
+        return fingerprint(self.name, material, input_fps, ignored=NON_RESULT_KEYS)
+
+
+STAGES: dict[str, StageSpec] = {
+    spec.name: spec
+    for spec in (
+        StageSpec("prepare", (), ("data", "model.name_or_path"), "selection.prepare:run",
+                  extras="selection.prepare:fingerprint_extras"),
+        StageSpec("score", ("prepare",), ("selection.method", "selection.scoring"), None,
+                  pending="scoring windows arrives with the LongAttn and rival-scorer issues"),
+        StageSpec("select", ("score",), ("selection",), None,
+                  pending="selection under a budget arrives with the LongAttn issue"),
+        StageSpec("train", ("select",), ("model", "training", "seed"), None,
+                  pending="continual pre-training arrives with the training issue"),
+        StageSpec("evaluate", ("train",), ("evaluation",), None,
+                  pending="evaluation suites arrive with the evaluation issue"),
+        StageSpec("report", ("evaluate",), ("report",), None,
+                  pending="paper tables and plots arrive with the reproduction issue"),
+    )
+}
+STAGE_ORDER = tuple(STAGES)
+
+
+def validate_stages(requested: list[str]) -> list[str]:
+    """Known names, no repeats, in pipeline order (a prefix or any ordered subset)."""
+    for name in requested:
+        if name not in STAGES:
+            raise ValueError(f"stages: unknown stage '{name}'. Stages, in order: {', '.join(STAGE_ORDER)}")
+    if len(set(requested)) != len(requested):
+        raise ValueError(f"stages={requested}: a stage is listed twice")
+    ordered = sorted(requested, key=STAGE_ORDER.index)
+    if ordered != list(requested):
+        raise ValueError(f"stages={requested}: give them in pipeline order ({', '.join(STAGE_ORDER)})")
+    return ordered

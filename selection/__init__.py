@@ -1,0 +1,1 @@
+"""Data side of the pipeline: corpus preparation, scoring, selection."""

@@ -1,0 +1,202 @@
+"""Prepare stage: read corpora, tokenize, cut Algorithm-1 windows, write Parquet shards (windows contract).
+
+Windows contract (ARCHITECTURE.md): `id` (str, stable), `domain`, `source_id` (hash of the document
+text), `position` (window index within its document, by start offset), `n_tokens`, `input_ids`
+(list<int32>); plus `start` (token offset of the window in its document).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+import selection.demo_corpus  # noqa: F401  (registers the demo readers)
+from common.atomic import atomic_write
+from common.model_sources import load_tokenizer
+from common.stage import StageContext
+from selection.corpus import CorpusError, CorpusStats, SourceSpec, iter_documents, source_signature
+from selection.windows import window_id, window_starts
+
+log = logging.getLogger(__name__)
+
+SUMMARY_POSITION = -1  # rows carrying one document's token count, dropped before writing
+SHARD_PATTERN = "windows-{index:05d}.parquet"
+
+
+@dataclass
+class PrepareConfig:
+    """The `data` config group, typed once at the stage boundary."""
+
+    sources: list[SourceSpec]
+    window_size: int
+    """Tokens per window (32768 in the paper)."""
+    keep_exact_fit: bool = False
+    """Give a document of exactly window_size tokens its window (the authors' code gives none)."""
+    max_windows_per_domain: int | None = None
+    """Keep at most this many windows per domain, sampled with `seed` (None keeps all)."""
+    seed: int = 0
+    on_bad_record: str = "error"
+    """error: stop at the first bad record, naming it; skip: skip, count and report in the manifest."""
+    num_proc: int = 1
+    """Tokenizer processes (datasets.map num_proc); does not change results."""
+    shard_rows: int = 2000
+    """Windows per Parquet shard; does not change results."""
+    tokenizer: str = "???"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.window_size <= 0:
+            raise CorpusError(f"data.window_size={self.window_size}: must be a positive number of tokens")
+        if not self.sources:
+            raise CorpusError("data.sources is empty: give at least one {path: ..., domain: ...}")
+        if self.max_windows_per_domain is not None and self.max_windows_per_domain <= 0:
+            raise CorpusError(f"data.max_windows_per_domain={self.max_windows_per_domain}: must be positive or null")
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> PrepareConfig:
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+        sources = []
+        for i, src in enumerate(data.get("sources") or []):
+            if not isinstance(src, dict):
+                raise CorpusError(f"data.sources[{i}] must be a mapping like {{path: file.jsonl, domain: book}}")
+            unknown = set(src) - set(SourceSpec.__dataclass_fields__)
+            if unknown:
+                raise CorpusError(f"data.sources[{i}]: unknown key(s) {sorted(unknown)}; "
+                                  f"known: {sorted(SourceSpec.__dataclass_fields__)}")
+            sources.append(SourceSpec(**src))
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data and k not in ("sources", "tokenizer")}
+        return cls(sources=sources, tokenizer=cfg.model.name_or_path, **known)
+
+
+def fingerprint_extras(cfg: DictConfig) -> dict[str, Any]:
+    """What identifies the corpus content beyond the config: file sizes/mtimes, Python version (demo)."""
+    conf = PrepareConfig.from_cfg(cfg)
+    return {"sources": [source_signature(s) for s in conf.sources], "python": list(sys.version_info[:2])}
+
+
+def cut_windows(batch: dict[str, list], tokenizer, window: int, keep_exact_fit: bool) -> dict[str, list]:
+    """datasets.map function: tokenize documents (no special tokens) and emit window rows.
+
+    One extra summary row per document (position -1, no tokens) carries its length for the manifest.
+    """
+    encoded = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+    out: dict[str, list] = {k: [] for k in ("id", "domain", "source_id", "position", "start", "n_tokens", "input_ids")}
+
+    def emit(domain, source_id, position, start, n_tokens, ids):
+        out["id"].append(window_id(domain, source_id, position) if position >= 0 else f"{domain}/{source_id}/doc")
+        out["domain"].append(domain)
+        out["source_id"].append(source_id)
+        out["position"].append(position)
+        out["start"].append(start)
+        out["n_tokens"].append(n_tokens)
+        out["input_ids"].append(ids)
+
+    for domain, source_id, ids in zip(batch["domain"], batch["source_id"], encoded):
+        emit(domain, source_id, SUMMARY_POSITION, 0, len(ids), [])
+        for position, start in enumerate(window_starts(len(ids), window, keep_exact_fit)):
+            emit(domain, source_id, position, start, window, ids[start:start + window])
+    return out
+
+
+def sample_per_domain(ids: list[str], domains: list[str], cap: int | None, seed: int) -> list[int]:
+    """Row indices to keep: per domain at most `cap`, drawn with `seed` from the rows sorted by id.
+
+    Sorting first makes the draw independent of row order (num_proc, file order).
+    """
+    order = sorted(range(len(ids)), key=lambda i: ids[i])
+    if cap is None:
+        return order
+    by_domain: dict[str, list[int]] = {}
+    for i in order:
+        by_domain.setdefault(domains[i], []).append(i)
+    keep: list[int] = []
+    for domain in sorted(by_domain):
+        rows = by_domain[domain]
+        if len(rows) > cap:
+            rng = np.random.default_rng([seed, len(rows)])
+            rows = [rows[j] for j in sorted(rng.choice(len(rows), size=cap, replace=False))]
+        keep += rows
+    return sorted(keep, key=lambda i: ids[i])
+
+
+def _write_shards(windows, out_dir: Path, shard_rows: int) -> list[str]:
+    names = []
+    for index, begin in enumerate(range(0, len(windows), shard_rows)):
+        name = SHARD_PATTERN.format(index=index)
+        part = windows.select(range(begin, min(begin + shard_rows, len(windows))))
+        atomic_write(out_dir / name, lambda tmp, part=part: part.to_parquet(str(tmp)))
+        names.append(name)
+    return names
+
+
+def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
+    from datasets import Dataset, Features, Sequence, Value, disable_caching
+
+    conf = PrepareConfig.from_cfg(cfg)
+    tokenizer = load_tokenizer(conf.tokenizer, ctx.cache_dir)
+    work = ctx.out_dir / "_work"
+    shutil.rmtree(work, ignore_errors=True)
+    for stale in ctx.out_dir.glob("windows-*.parquet"):
+        stale.unlink()
+    stats = CorpusStats()
+
+    def documents():
+        yield from tqdm(iter_documents(conf.sources, conf.on_bad_record, stats), desc="reading corpus", unit="doc")
+
+    disable_caching()
+    docs = Dataset.from_generator(documents, cache_dir=str(work / "docs"),
+                                  features=Features({k: Value("string") for k in ("domain", "source_id", "text")}))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    features = Features({"id": Value("string"), "domain": Value("string"), "source_id": Value("string"),
+                         "position": Value("int32"), "start": Value("int64"), "n_tokens": Value("int32"),
+                         "input_ids": Sequence(Value("int32"))})
+    rows = docs.map(cut_windows, batched=True, batch_size=16, num_proc=conf.num_proc if conf.num_proc > 1 else None,
+                    remove_columns=docs.column_names, features=features, desc="tokenizing + windowing",
+                    fn_kwargs={"tokenizer": tokenizer, "window": conf.window_size,
+                               "keep_exact_fit": conf.keep_exact_fit})
+
+    meta = rows.select_columns(["id", "domain", "position", "n_tokens"]).to_dict()
+    doc_tokens, short_docs, windows_found = Counter(), Counter(), Counter()
+    window_rows = []
+    for i, (domain, position, n) in enumerate(zip(meta["domain"], meta["position"], meta["n_tokens"])):
+        if position == SUMMARY_POSITION:
+            doc_tokens[domain] += n
+            short_docs[domain] += n < conf.window_size or (n == conf.window_size and not conf.keep_exact_fit)
+        else:
+            windows_found[domain] += 1
+            window_rows.append(i)
+    ids = [meta["id"][i] for i in window_rows]
+    domains = [meta["domain"][i] for i in window_rows]
+    keep = sample_per_domain(ids, domains, conf.max_windows_per_domain, conf.seed)
+    windows = rows.select([window_rows[i] for i in keep]).flatten_indices()
+    kept = Counter(domains[i] for i in keep)
+    shards = _write_shards(windows, ctx.out_dir, conf.shard_rows)
+    shutil.rmtree(work, ignore_errors=True)
+
+    per_domain = {
+        d: {"documents": stats.documents[d], "short_documents": int(short_docs[d]), "document_tokens": doc_tokens[d],
+            "windows_found": windows_found[d], "windows": kept[d], "window_tokens": kept[d] * conf.window_size}
+        for d in sorted(set(stats.documents) | set(stats.bad_records))
+    }
+    for domain, counts in per_domain.items():
+        log.info("prepare: %-8s %6d documents (%d shorter than a window) -> %6d windows of %d tokens%s",
+                 domain, counts["documents"], counts["short_documents"], counts["windows"], conf.window_size,
+                 f" (sampled from {counts['windows_found']})" if counts["windows"] != counts["windows_found"] else "")
+    return {
+        "window_size": conf.window_size,
+        "tokenizer": conf.tokenizer,
+        "windows": len(windows),
+        "per_domain": per_domain,
+        "shards": shards,
+        **{k: v for k, v in stats.as_manifest().items() if k != "documents"},
+    }
