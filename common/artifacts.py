@@ -31,12 +31,18 @@ def strip_keys(obj: Any, ignored: Iterable[str]) -> Any:
     return obj
 
 
-def fingerprint(stage: str, config: Any, inputs: Mapping[str, str] | None = None, ignored: Iterable[str] = ()) -> str:
+def fingerprint(
+    stage: str, config: Any, inputs: Mapping[str, str] | None = None, ignored: Iterable[str] = ()
+) -> str:
     """Stable hash of a stage's result-relevant config and its inputs' fingerprints.
 
     Canonical JSON (sorted keys) makes it independent of dict order, process and machine.
     """
-    payload = {"stage": stage, "config": strip_keys(config, ignored), "inputs": dict(sorted((inputs or {}).items()))}
+    payload = {
+        "stage": stage,
+        "config": strip_keys(config, ignored),
+        "inputs": dict(sorted((inputs or {}).items())),
+    }
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:FINGERPRINT_CHARS]
 

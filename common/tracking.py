@@ -78,7 +78,9 @@ class WandbTracker(Tracker):
             self.enabled = False
 
 
-def make_tracker(logger_cfg: Mapping[str, Any] | None, run_dir: str | None = None, config: Mapping | None = None) -> Tracker:
+def make_tracker(
+    logger_cfg: Mapping[str, Any] | None, run_dir: str | None = None, config: Mapping | None = None
+) -> Tracker:
     """Build the configured tracker; `logger=none` (or `name: none`) gives the no-op one."""
     if not logger_cfg or logger_cfg.get("name", "none") == "none":
         return Tracker()

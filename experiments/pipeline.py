@@ -45,7 +45,9 @@ def stage_fingerprints(cfg: DictConfig, upto: list[str]) -> dict[str, str]:
     return fps
 
 
-def run_stage(cfg: DictConfig, name: str, art: Artifact, inputs: dict[str, Artifact], tracker: Tracker) -> dict:
+def run_stage(
+    cfg: DictConfig, name: str, art: Artifact, inputs: dict[str, Artifact], tracker: Tracker
+) -> dict:
     """Run one stage into its artifact directory, or reuse it if its manifest says it is complete."""
     if art.is_complete():
         log.info("%s: reused artifact %s (fingerprint %s); nothing to do", name, art.path, art.fingerprint)
@@ -55,14 +57,19 @@ def run_stage(cfg: DictConfig, name: str, art: Artifact, inputs: dict[str, Artif
     ctx = StageContext(out_dir=art.path, inputs=inputs, cache_dir=Path(cfg.paths.cache_dir), tracker=tracker)
     started = time.time()
     manifest = STAGES[name].run(cfg, ctx)
-    manifest = art.write_manifest({
-        **manifest,
-        "seconds": round(time.time() - started, 3),
-        "inputs": {k: str(v.path) for k, v in inputs.items()},
-        "config": {k: OmegaConf.to_container(OmegaConf.select(cfg, k), resolve=True)
-                   if OmegaConf.is_config(OmegaConf.select(cfg, k)) else OmegaConf.select(cfg, k)
-                   for k in STAGES[name].config_keys},
-    })
+    manifest = art.write_manifest(
+        {
+            **manifest,
+            "seconds": round(time.time() - started, 3),
+            "inputs": {k: str(v.path) for k, v in inputs.items()},
+            "config": {
+                k: OmegaConf.to_container(OmegaConf.select(cfg, k), resolve=True)
+                if OmegaConf.is_config(OmegaConf.select(cfg, k))
+                else OmegaConf.select(cfg, k)
+                for k in STAGES[name].config_keys
+            },
+        }
+    )
     tracker.log_metrics(flatten_numbers(manifest, name))
     return manifest
 

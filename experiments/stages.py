@@ -54,18 +54,48 @@ class StageSpec:
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (
-        StageSpec("prepare", (), ("data", "model.name_or_path"), "selection.prepare:run",
-                  extras="selection.prepare:fingerprint_extras"),
-        StageSpec("score", ("prepare",), ("selection.method", "selection.scoring"), None,
-                  pending="scoring windows arrives with the LongAttn and rival-scorer issues"),
-        StageSpec("select", ("score",), ("selection",), None,
-                  pending="selection under a budget arrives with the LongAttn issue"),
-        StageSpec("train", ("select",), ("model", "training", "seed"), None,
-                  pending="continual pre-training arrives with the training issue"),
-        StageSpec("evaluate", ("train",), ("evaluation",), None,
-                  pending="evaluation suites arrive with the evaluation issue"),
-        StageSpec("report", ("evaluate",), ("report",), None,
-                  pending="paper tables and plots arrive with the reproduction issue"),
+        StageSpec(
+            "prepare",
+            (),
+            ("data", "model.name_or_path"),
+            "selection.prepare:run",
+            extras="selection.prepare:fingerprint_extras",
+        ),
+        StageSpec(
+            "score",
+            ("prepare",),
+            ("selection.method", "selection.scoring"),
+            None,
+            pending="scoring windows arrives with the LongAttn and rival-scorer issues",
+        ),
+        StageSpec(
+            "select",
+            ("score",),
+            ("selection",),
+            None,
+            pending="selection under a budget arrives with the LongAttn issue",
+        ),
+        StageSpec(
+            "train",
+            ("select",),
+            ("model", "training", "seed"),
+            None,
+            pending="continual pre-training arrives with the training issue",
+        ),
+        StageSpec(
+            "evaluate",
+            ("train",),
+            ("evaluation",),
+            None,
+            pending="evaluation suites arrive with the evaluation issue",
+        ),
+        StageSpec(
+            "report",
+            ("evaluate",),
+            ("report",),
+            None,
+            pending="paper tables and plots arrive with the reproduction issue",
+        ),
     )
 }
 STAGE_ORDER = tuple(STAGES)

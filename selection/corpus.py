@@ -85,7 +85,7 @@ def read_jsonl(spec: SourceSpec, path: Path) -> RawRecords:
         for lineno, raw in enumerate(fh, start=1):
             location = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as exc:
                 yield BadRecord(location, f"not valid UTF-8 ({exc.reason} at byte {exc.start})"), location
                 continue
@@ -109,8 +109,10 @@ def read_json_array(spec: SourceSpec, path: Path) -> RawRecords:
     except UnicodeDecodeError as exc:
         raise CorpusError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
     except json.JSONDecodeError as exc:
-        raise CorpusError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}); a JSON source must be an array "
-                          "of objects (use .jsonl for one object per line)") from exc
+        raise CorpusError(
+            f"{path}:{exc.lineno}: malformed JSON ({exc.msg}); a JSON source must be an array "
+            "of objects (use .jsonl for one object per line)"
+        ) from exc
     if not isinstance(records, list):
         raise CorpusError(f"{path}: expected a JSON array of objects, found a {type(records).__name__}")
     for index, record in enumerate(records):
@@ -136,8 +138,10 @@ def read_parquet(spec: SourceSpec, path: Path) -> RawRecords:
 
     pf = pq.ParquetFile(path)
     if spec.text_field not in pf.schema_arrow.names:
-        raise CorpusError(f"{path}: no column '{spec.text_field}' (columns: {', '.join(pf.schema_arrow.names)}); "
-                          "set data.sources[*].text_field")
+        raise CorpusError(
+            f"{path}: no column '{spec.text_field}' (columns: {', '.join(pf.schema_arrow.names)}); "
+            "set data.sources[*].text_field"
+        )
     rows = (row for batch in pf.iter_batches(columns=[spec.text_field]) for row in batch.to_pylist())
     yield from _read_table_rows(spec, rows, str(path))
 
@@ -149,11 +153,15 @@ def read_saved_dataset(spec: SourceSpec, path: Path) -> RawRecords:
     ds = load_from_disk(str(path))
     if isinstance(ds, DatasetDict):
         if spec.split not in ds:
-            raise CorpusError(f"{path}: no split '{spec.split}' (splits: {', '.join(ds)}); set data.sources[*].split")
+            raise CorpusError(
+                f"{path}: no split '{spec.split}' (splits: {', '.join(ds)}); set data.sources[*].split"
+            )
         ds = ds[spec.split]
     if spec.text_field not in ds.column_names:
-        raise CorpusError(f"{path}: no column '{spec.text_field}' (columns: {', '.join(ds.column_names)}); "
-                          "set data.sources[*].text_field")
+        raise CorpusError(
+            f"{path}: no column '{spec.text_field}' (columns: {', '.join(ds.column_names)}); "
+            "set data.sources[*].text_field"
+        )
     yield from _read_table_rows(spec, iter(ds.select_columns([spec.text_field])), str(path))
 
 
@@ -173,8 +181,13 @@ def read_hub(spec: SourceSpec, _path: Path | None = None) -> RawRecords:
 
 def _detect_format(path: Path) -> str:
     if path.is_dir():
-        return "arrow_dir" if (path / "dataset_info.json").exists() or (path / "state.json").exists() \
-            or (path / "dataset_dict.json").exists() else "dir"
+        return (
+            "arrow_dir"
+            if (path / "dataset_info.json").exists()
+            or (path / "state.json").exists()
+            or (path / "dataset_dict.json").exists()
+            else "dir"
+        )
     name = path.name.lower()
     if name.endswith(".jsonl"):
         return "jsonl"
@@ -184,8 +197,9 @@ def _detect_format(path: Path) -> str:
         with open(path, "rb") as fh:
             head = fh.read(4096).lstrip()
         return "json" if head.startswith(b"[") else "jsonl"
-    raise CorpusError(f"{path}: cannot tell the format from the name; set data.sources[*].format "
-                      f"({', '.join(READERS)})")
+    raise CorpusError(
+        f"{path}: cannot tell the format from the name; set data.sources[*].format ({', '.join(READERS)})"
+    )
 
 
 def expand_source_files(spec: SourceSpec) -> list[tuple[Path, str]]:
@@ -197,9 +211,13 @@ def expand_source_files(spec: SourceSpec) -> list[tuple[Path, str]]:
     for match in map(Path, matches):
         fmt = spec.format if spec.format != "auto" else _detect_format(match)
         if fmt == "dir":
-            inner = sorted(p for p in match.rglob("*") if p.is_file() and p.suffix in (".jsonl", ".json", ".parquet"))
+            inner = sorted(
+                p for p in match.rglob("*") if p.is_file() and p.suffix in (".jsonl", ".json", ".parquet")
+            )
             if not inner:
-                raise CorpusError(f"data.sources[*].path={spec.path}: directory {match} holds no .jsonl/.json/.parquet")
+                raise CorpusError(
+                    f"data.sources[*].path={spec.path}: directory {match} holds no .jsonl/.json/.parquet"
+                )
             out += [(p, _detect_format(p)) for p in inner]
         else:
             out.append((match, fmt))
@@ -213,7 +231,13 @@ def source_signature(spec: SourceSpec) -> list[Any]:
     sig = []
     for path, fmt in expand_source_files(spec):
         files = sorted(path.rglob("*")) if path.is_dir() else [path]
-        sig.append([str(path.resolve()), fmt, [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]])
+        sig.append(
+            [
+                str(path.resolve()),
+                fmt,
+                [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()],
+            ]
+        )
     return sig
 
 
@@ -252,7 +276,9 @@ def _reason_kind(reason: str) -> str:
     return reason.split(" (")[0]
 
 
-def iter_documents(specs: list[SourceSpec], on_bad_record: str, stats: CorpusStats) -> Iterator[dict[str, str]]:
+def iter_documents(
+    specs: list[SourceSpec], on_bad_record: str, stats: CorpusStats
+) -> Iterator[dict[str, str]]:
     """Valid, de-duplicated documents as {domain, source_id, text}.
 
     `source_id` hashes the text, so ids do not depend on file paths or reading order; an exact duplicate
@@ -266,13 +292,17 @@ def iter_documents(specs: list[SourceSpec], on_bad_record: str, stats: CorpusSta
         for text, location in _raw_records(spec):
             problem = text if isinstance(text, BadRecord) else None
             if problem is None and not isinstance(text, str):
-                problem = BadRecord(location, f"field '{spec.text_field}' is a {type(text).__name__}, not text")
+                problem = BadRecord(
+                    location, f"field '{spec.text_field}' is a {type(text).__name__}, not text"
+                )
             if problem is None and not text.strip():
                 problem = BadRecord(location, "empty text")
             if problem is not None:
                 if on_bad_record == "error":
-                    raise CorpusError(f"{problem}. Fix the record, or set data.on_bad_record=skip to skip and "
-                                      "count bad records.")
+                    raise CorpusError(
+                        f"{problem}. Fix the record, or set data.on_bad_record=skip to skip and "
+                        "count bad records."
+                    )
                 stats.bad_records[spec.domain] += 1
                 stats.bad_by_reason[_reason_kind(problem.reason)] += 1
                 if len(stats.bad_examples) < MAX_EXAMPLES:

@@ -24,16 +24,74 @@ from selection.corpus import READERS, RawRecords, SourceSpec
 log = logging.getLogger(__name__)
 
 DEFAULT_PACKAGES = (
-    "asyncio", "concurrent", "email", "http", "importlib", "json", "logging", "multiprocessing",
-    "sqlite3", "unittest", "urllib", "xml", "xmlrpc", "wsgiref", "zoneinfo", "tomllib", "collections",
+    "asyncio",
+    "concurrent",
+    "email",
+    "http",
+    "importlib",
+    "json",
+    "logging",
+    "multiprocessing",
+    "sqlite3",
+    "unittest",
+    "urllib",
+    "xml",
+    "xmlrpc",
+    "wsgiref",
+    "zoneinfo",
+    "tomllib",
+    "collections",
 )
 DEFAULT_MODULES = (
-    "argparse", "ast", "asyncio", "bisect", "calendar", "collections", "configparser", "contextlib", "copy",
-    "csv", "dataclasses", "datetime", "decimal", "difflib", "dis", "doctest", "email.message", "enum",
-    "fractions", "functools", "heapq", "http.client", "inspect", "io", "ipaddress", "itertools", "json",
-    "logging", "os", "pathlib", "pickle", "pprint", "random", "re", "shutil", "socket", "sqlite3",
-    "statistics", "string", "subprocess", "tarfile", "textwrap", "threading", "tokenize", "typing",
-    "unittest", "urllib.request", "uuid", "zipfile",
+    "argparse",
+    "ast",
+    "asyncio",
+    "bisect",
+    "calendar",
+    "collections",
+    "configparser",
+    "contextlib",
+    "copy",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "dis",
+    "doctest",
+    "email.message",
+    "enum",
+    "fractions",
+    "functools",
+    "heapq",
+    "http.client",
+    "inspect",
+    "io",
+    "ipaddress",
+    "itertools",
+    "json",
+    "logging",
+    "os",
+    "pathlib",
+    "pickle",
+    "pprint",
+    "random",
+    "re",
+    "shutil",
+    "socket",
+    "sqlite3",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "textwrap",
+    "threading",
+    "tokenize",
+    "typing",
+    "unittest",
+    "urllib.request",
+    "uuid",
+    "zipfile",
 )
 
 
@@ -61,7 +119,9 @@ def _render_module_doc(name: str) -> str | None:
         with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             module = importlib.import_module(name)
-            return pydoc.render_doc(module, title="Python Library Documentation: %s", renderer=pydoc.plaintext)
+            return pydoc.render_doc(
+                module, title="Python Library Documentation: %s", renderer=pydoc.plaintext
+            )
     except Exception as exc:  # a module missing on this platform just shrinks the demo
         log.info("demo corpus: pydoc for %s unavailable (%s); skipped", name, exc)
         return None
@@ -74,7 +134,10 @@ def read_python_docs(spec: SourceSpec, _path: Path | None = None) -> RawRecords:
     except ImportError:
         topics = {}
     if spec.options.get("reference_topics", True) and topics:
-        yield "\n\n".join(f"{key}\n{'=' * len(key)}\n{topics[key]}" for key in sorted(topics)), "pydoc_data.topics"
+        yield (
+            "\n\n".join(f"{key}\n{'=' * len(key)}\n{topics[key]}" for key in sorted(topics)),
+            "pydoc_data.topics",
+        )
     for name in spec.options.get("modules", DEFAULT_MODULES):
         text = _render_module_doc(name)
         if text:

@@ -60,7 +60,9 @@ class PrepareConfig:
         if not self.sources:
             raise CorpusError("data.sources is empty: give at least one {path: ..., domain: ...}")
         if self.max_windows_per_domain is not None and self.max_windows_per_domain <= 0:
-            raise CorpusError(f"data.max_windows_per_domain={self.max_windows_per_domain}: must be positive or null")
+            raise CorpusError(
+                f"data.max_windows_per_domain={self.max_windows_per_domain}: must be positive or null"
+            )
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> PrepareConfig:
@@ -68,13 +70,19 @@ class PrepareConfig:
         sources = []
         for i, src in enumerate(data.get("sources") or []):
             if not isinstance(src, dict):
-                raise CorpusError(f"data.sources[{i}] must be a mapping like {{path: file.jsonl, domain: book}}")
+                raise CorpusError(
+                    f"data.sources[{i}] must be a mapping like {{path: file.jsonl, domain: book}}"
+                )
             unknown = set(src) - set(SourceSpec.__dataclass_fields__)
             if unknown:
-                raise CorpusError(f"data.sources[{i}]: unknown key(s) {sorted(unknown)}; "
-                                  f"known: {sorted(SourceSpec.__dataclass_fields__)}")
+                raise CorpusError(
+                    f"data.sources[{i}]: unknown key(s) {sorted(unknown)}; "
+                    f"known: {sorted(SourceSpec.__dataclass_fields__)}"
+                )
             sources.append(SourceSpec(**src))
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data and k not in ("sources", "tokenizer")}
+        known = {
+            k: data[k] for k in cls.__dataclass_fields__ if k in data and k not in ("sources", "tokenizer")
+        }
         return cls(sources=sources, tokenizer=cfg.model.name_or_path, **known)
 
 
@@ -90,10 +98,14 @@ def cut_windows(batch: dict[str, list], tokenizer, window: int, keep_exact_fit: 
     One extra summary row per document (position -1, no tokens) carries its length for the manifest.
     """
     encoded = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-    out: dict[str, list] = {k: [] for k in ("id", "domain", "source_id", "position", "start", "n_tokens", "input_ids")}
+    out: dict[str, list] = {
+        k: [] for k in ("id", "domain", "source_id", "position", "start", "n_tokens", "input_ids")
+    }
 
     def emit(domain, source_id, position, start, n_tokens, ids):
-        out["id"].append(window_id(domain, source_id, position) if position >= 0 else f"{domain}/{source_id}/doc")
+        out["id"].append(
+            window_id(domain, source_id, position) if position >= 0 else f"{domain}/{source_id}/doc"
+        )
         out["domain"].append(domain)
         out["source_id"].append(source_id)
         out["position"].append(position)
@@ -104,7 +116,7 @@ def cut_windows(batch: dict[str, list], tokenizer, window: int, keep_exact_fit: 
     for domain, source_id, ids in zip(batch["domain"], batch["source_id"], encoded):
         emit(domain, source_id, SUMMARY_POSITION, 0, len(ids), [])
         for position, start in enumerate(window_starts(len(ids), window, keep_exact_fit)):
-            emit(domain, source_id, position, start, window, ids[start:start + window])
+            emit(domain, source_id, position, start, window, ids[start : start + window])
     return out
 
 
@@ -141,6 +153,7 @@ def _write_shards(windows, out_dir: Path, shard_rows: int) -> list[str]:
 
 def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     from datasets import Dataset, Features, Sequence, Value, disable_caching
+    from datasets.exceptions import DatasetGenerationError
 
     conf = PrepareConfig.from_cfg(cfg)
     tokenizer = load_tokenizer(conf.tokenizer, ctx.cache_dir)
@@ -151,19 +164,43 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     stats = CorpusStats()
 
     def documents():
-        yield from tqdm(iter_documents(conf.sources, conf.on_bad_record, stats), desc="reading corpus", unit="doc")
+        yield from tqdm(
+            iter_documents(conf.sources, conf.on_bad_record, stats), desc="reading corpus", unit="doc"
+        )
 
     disable_caching()
-    docs = Dataset.from_generator(documents, cache_dir=str(work / "docs"),
-                                  features=Features({k: Value("string") for k in ("domain", "source_id", "text")}))
+    try:
+        docs = Dataset.from_generator(
+            documents,
+            cache_dir=str(work / "docs"),
+            features=Features({k: Value("string") for k in ("domain", "source_id", "text")}),
+        )
+    except DatasetGenerationError as exc:  # datasets wraps our own errors; give the user the real one
+        if isinstance(exc.__cause__, CorpusError):
+            raise exc.__cause__ from None
+        raise
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    features = Features({"id": Value("string"), "domain": Value("string"), "source_id": Value("string"),
-                         "position": Value("int32"), "start": Value("int64"), "n_tokens": Value("int32"),
-                         "input_ids": Sequence(Value("int32"))})
-    rows = docs.map(cut_windows, batched=True, batch_size=16, num_proc=conf.num_proc if conf.num_proc > 1 else None,
-                    remove_columns=docs.column_names, features=features, desc="tokenizing + windowing",
-                    fn_kwargs={"tokenizer": tokenizer, "window": conf.window_size,
-                               "keep_exact_fit": conf.keep_exact_fit})
+    features = Features(
+        {
+            "id": Value("string"),
+            "domain": Value("string"),
+            "source_id": Value("string"),
+            "position": Value("int32"),
+            "start": Value("int64"),
+            "n_tokens": Value("int32"),
+            "input_ids": Sequence(Value("int32")),
+        }
+    )
+    rows = docs.map(
+        cut_windows,
+        batched=True,
+        batch_size=16,
+        num_proc=conf.num_proc if conf.num_proc > 1 else None,
+        remove_columns=docs.column_names,
+        features=features,
+        desc="tokenizing + windowing",
+        fn_kwargs={"tokenizer": tokenizer, "window": conf.window_size, "keep_exact_fit": conf.keep_exact_fit},
+    )
 
     meta = rows.select_columns(["id", "domain", "position", "n_tokens"]).to_dict()
     doc_tokens, short_docs, windows_found = Counter(), Counter(), Counter()
@@ -184,14 +221,28 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     shutil.rmtree(work, ignore_errors=True)
 
     per_domain = {
-        d: {"documents": stats.documents[d], "short_documents": int(short_docs[d]), "document_tokens": doc_tokens[d],
-            "windows_found": windows_found[d], "windows": kept[d], "window_tokens": kept[d] * conf.window_size}
+        d: {
+            "documents": stats.documents[d],
+            "short_documents": int(short_docs[d]),
+            "document_tokens": doc_tokens[d],
+            "windows_found": windows_found[d],
+            "windows": kept[d],
+            "window_tokens": kept[d] * conf.window_size,
+        }
         for d in sorted(set(stats.documents) | set(stats.bad_records))
     }
     for domain, counts in per_domain.items():
-        log.info("prepare: %-8s %6d documents (%d shorter than a window) -> %6d windows of %d tokens%s",
-                 domain, counts["documents"], counts["short_documents"], counts["windows"], conf.window_size,
-                 f" (sampled from {counts['windows_found']})" if counts["windows"] != counts["windows_found"] else "")
+        log.info(
+            "prepare: %-8s %6d documents (%d shorter than a window) -> %6d windows of %d tokens%s",
+            domain,
+            counts["documents"],
+            counts["short_documents"],
+            counts["windows"],
+            conf.window_size,
+            f" (sampled from {counts['windows_found']})"
+            if counts["windows"] != counts["windows_found"]
+            else "",
+        )
     return {
         "window_size": conf.window_size,
         "tokenizer": conf.tokenizer,

@@ -1,0 +1,54 @@
+"""Shared fixtures: the real Hydra config, composed with paths under tmp_path and tracking off."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from hydra import compose, initialize  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
+
+CONF_DIR = "../conf"
+
+
+def compose_cfg(tmp_path: Path, overrides: list[str] = ()) -> DictConfig:
+    """Compose conf/ like run.py does, with every path under tmp_path (the model cache stays shared)."""
+    GlobalHydra.instance().clear()
+    with initialize(config_path=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["logger=none", *overrides])
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(tmp_path)
+        cfg.paths.output_dir = str(tmp_path / "run")
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    def _make(*overrides: str, root: Path | None = None) -> DictConfig:
+        return compose_cfg(root or tmp_path, list(overrides))
+
+    return _make
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from common.model_sources import default_cache_dir, resolve_model_path
+
+    return Path(resolve_model_path("smollm2_135m", default_cache_dir()))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)

@@ -1,0 +1,57 @@
+"""Every config composes; the defaults are what the docs say."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from experiments.stages import STAGE_ORDER, validate_stages
+
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parent.parent / "conf" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_resolves(make_cfg, experiment):
+    cfg = make_cfg(f"experiment={experiment}")
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    assert container["data"]["window_size"] > 0
+    assert set(cfg.stages) <= set(STAGE_ORDER)
+
+
+def test_defaults(make_cfg):
+    cfg = make_cfg()
+    assert cfg.model.name_or_path == "smollm2_135m"
+    assert cfg.data.window_size == 1024
+    assert [s["format"] for s in cfg.data.sources] == ["python_code", "python_docs"]
+
+
+def test_paper_setting_uses_32k_windows_and_llama3(make_cfg):
+    cfg = make_cfg("experiment=longattn_32k")
+    assert cfg.data.window_size == 32768
+    assert cfg.model.name_or_path == "meta-llama/Meta-Llama-3-8B"
+    assert [s["domain"] for s in cfg.data.sources] == ["arxiv", "book", "code"]
+
+
+def test_debug_tiny_uses_the_tiny_model(make_cfg):
+    cfg = make_cfg("debug=tiny")
+    assert cfg.model.name_or_path == "tiny_llama" and cfg.data.window_size == 256
+
+
+def test_cache_dir_honours_env(monkeypatch, make_cfg):
+    monkeypatch.setenv("LONGATTN_CACHE_DIR", "/somewhere/cache")
+    assert make_cfg().paths.cache_dir == "/somewhere/cache"
+
+
+@pytest.mark.parametrize(
+    ("stages", "message"),
+    [
+        (["prepare", "bogus"], "unknown stage 'bogus'"),
+        (["score", "prepare"], "pipeline order"),
+        (["prepare", "prepare"], "listed twice"),
+    ],
+)
+def test_stage_lists_are_validated(stages, message):
+    with pytest.raises(ValueError, match=message):
+        validate_stages(stages)

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import sys
+import types
+
+from common.tracking import Tracker, WandbTracker, make_tracker, wandb_mode
+
+
+def test_none_logger_is_a_noop():
+    tracker = make_tracker({"name": "none"})
+    assert type(tracker) is Tracker and not tracker.enabled
+    tracker.log_metrics({"a": 1})  # does nothing, raises nothing
+
+
+def test_mode_is_offline_without_a_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert wandb_mode("auto") == "offline"
+    assert wandb_mode("online") == "online"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode("online") == "disabled"
+
+
+def test_wandb_failure_never_fails_the_run(monkeypatch):
+    fake = types.ModuleType("wandb")
+
+    def boom(**kwargs):
+        raise TimeoutError("no network")
+
+    fake.init = boom
+    fake.Settings = lambda **kw: kw
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    tracker = make_tracker({"name": "wandb", "mode": "offline"})
+    assert type(tracker) is Tracker
+
+
+def test_wandb_errors_after_start_disable_tracking():
+    class Run:
+        config = types.SimpleNamespace(update=lambda *a, **k: None)
+
+        def log(self, *a, **k):
+            raise OSError("disk full")
+
+    tracker = WandbTracker(Run())
+    tracker.log_metrics({"x": 1})
+    assert not tracker.enabled
+
+
+def test_offline_wandb_writes_a_local_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    tracker = make_tracker({"name": "wandb", "project": "t"}, run_dir=str(tmp_path), config={"a": 1})
+    assert tracker.enabled
+    tracker.log_metrics({"prepare/windows": 3})
+    tracker.finish()
+    assert list((tmp_path / "wandb").glob("offline-run-*"))

@@ -1,0 +1,1 @@
+"""Continual pre-training (not implemented yet: the train stage says so when asked for)."""
