@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.artifacts import Artifact, artifact_for
 from common.atomic import atomic_write_json
+from common.distributed import rank_info, wait_until
 from common.stage import StageContext
 from common.tracking import Tracker, make_tracker
 from experiments.stages import STAGES, validate_stages
@@ -49,14 +50,23 @@ def run_stage(
     cfg: DictConfig, name: str, art: Artifact, inputs: dict[str, Artifact], tracker: Tracker
 ) -> dict:
     """Run one stage into its artifact directory, or reuse it if its manifest says it is complete."""
+    spec = STAGES[name]
     if art.is_complete():
         log.info("%s: reused artifact %s (fingerprint %s); nothing to do", name, art.path, art.fingerprint)
+        return art.read_manifest()
+    ranks = rank_info()
+    if not ranks.is_main and not spec.distributed:
+        log.info("%s: rank %d waits for rank 0 to write %s", name, ranks.rank, art.path)
+        wait_until(art.is_complete, f"rank 0 to complete {art.path}")
         return art.read_manifest()
     art.path.mkdir(parents=True, exist_ok=True)
     log.info("%s: running into %s", name, art.path)
     ctx = StageContext(out_dir=art.path, inputs=inputs, cache_dir=Path(cfg.paths.cache_dir), tracker=tracker)
     started = time.time()
-    manifest = STAGES[name].run(cfg, ctx)
+    manifest = spec.run(cfg, ctx)
+    if manifest is None:  # a non-zero rank of a distributed stage: rank 0 merges and writes the manifest
+        wait_until(art.is_complete, f"rank 0 to merge {art.path}")
+        return art.read_manifest()
     manifest = art.write_manifest(
         {
             **manifest,
@@ -81,7 +91,9 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.paths.output_dir).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     fps = stage_fingerprints(cfg, requested)
-    tracker = make_tracker(cfg.get("logger"), str(run_dir), OmegaConf.to_container(cfg, resolve=True))
+    main = rank_info().is_main
+    logger_cfg = cfg.get("logger") if main else None  # log from rank 0 only
+    tracker = make_tracker(logger_cfg, str(run_dir), OmegaConf.to_container(cfg, resolve=True))
     index: dict[str, str] = {}
     manifests: dict[str, Any] = {}
     try:
@@ -98,7 +110,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
             art = artifact_for(artifacts_dir, name, fps[name])
             manifests[name] = run_stage(cfg, name, art, inputs, tracker)
             index[name] = str(art.path)
-            atomic_write_json(run_dir / "artifacts.json", index)
+            if main:
+                atomic_write_json(run_dir / "artifacts.json", index)
         tracker.log_summary({f"artifacts/{k}": v for k, v in index.items()})
     finally:
         tracker.finish()

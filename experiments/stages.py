@@ -31,6 +31,10 @@ class StageSpec:
     """Said when a not-yet-implemented stage is asked for."""
     version: int = 1
     """Bump when the stage's output format or maths changes, to invalidate old artifacts."""
+    distributed: bool = False
+    """Every rank runs it (and rank 0 writes the manifest); otherwise rank 0 runs it and the others wait."""
+    ignored: tuple[str, ...] = ()
+    """Extra keys of this stage that do not change results."""
 
     def _load(self, ref: str) -> Callable[..., Any]:
         module, func = ref.split(":")
@@ -48,7 +52,7 @@ class StageSpec:
             material[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
         if self.extras:
             material["extras"] = self._load(self.extras)(cfg)
-        return fingerprint(self.name, material, input_fps, ignored=NON_RESULT_KEYS)
+        return fingerprint(self.name, material, input_fps, ignored=NON_RESULT_KEYS + self.ignored)
 
 
 STAGES: dict[str, StageSpec] = {
@@ -64,16 +68,18 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             "score",
             ("prepare",),
-            ("selection.method", "selection.scoring"),
-            None,
-            pending="scoring windows arrives with the LongAttn and rival-scorer issues",
+            ("selection.method", "selection.scoring", "selection.scorer_model.name_or_path"),
+            "selection.score:run",
+            distributed=True,
+            ignored=("batch_size", "device", "wait_timeout_s"),
         ),
         StageSpec(
             "select",
-            ("score",),
-            ("selection",),
-            None,
-            pending="selection under a budget arrives with the LongAttn issue",
+            ("prepare", "score"),
+            ("selection", "model.name_or_path"),
+            "selection.select:run",
+            # the scorer and its run-time knobs are already in the score fingerprint
+            ignored=("scorer_model", "batch_size", "device", "wait_timeout_s"),
         ),
         StageSpec(
             "train",

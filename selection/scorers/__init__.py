@@ -1,0 +1,1 @@
+"""Window scorers behind one registry (`selection.method` picks one by name)."""
