@@ -98,8 +98,8 @@ def blocked_head_sums(
 
     For each query block, key blocks up to the causal diagonal (later tiles are skipped) with an online
     softmax: running row max m and normaliser l, and running far-region sums s1 = sum exp(s - m) and
-    s2 = sum exp(2(s - m)), all rescaled when m grows. At the end a row's sum of p over far keys is s1 / norm
-    and of p^2 is s2 / norm^2. Scores and sums are float32 whatever the input dtype; totals float64.
+    s2 = sum exp(2(s - m)), all rescaled when m grows. At the end a row's sum of p over far keys is s1 / l
+    and of p^2 is s2 / l^2. Scores and sums are float32 whatever the input dtype; totals float64.
     """
     heads, kv_heads, length, dim = _check(q_HLD, k_KLD, min_distance)
     rep = heads // kv_heads

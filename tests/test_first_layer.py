@@ -1,0 +1,84 @@
+"""First-layer q/k: equal to HF's own attention maps, loaded from the needed shards only."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from common.model_sources import resolve_model_path
+from selection.scorers.attention_stats import blocked_head_stats, default_min_distance, reference_head_stats
+from selection.scorers.first_layer import FirstLayerQK
+
+
+def stats_from_attention_maps(attn_HLL: torch.Tensor, min_distance: int):
+    length = attn_HLL.shape[-1]
+    rows, cols = torch.arange(length)[:, None], torch.arange(length)[None]
+    masked = attn_HLL.double() * (rows - cols >= min_distance)
+    return masked.sum((-1, -2)) / length, masked.reshape(attn_HLL.shape[0], -1).var(-1)
+
+
+@pytest.mark.slow
+def test_smollm2_first_layer_equals_hf_eager_attention(smollm2_dir):
+    """The whole chain (embeddings, RMSNorm, q/k, RoPE, GQA, softmax) against transformers itself."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 49152, (256,), generator=torch.Generator().manual_seed(0))
+    model = AutoModelForCausalLM.from_pretrained(
+        smollm2_dir, num_hidden_layers=1, attn_implementation="eager"
+    )
+    with torch.no_grad():
+        attn = model(ids[None], output_attentions=True).attentions[0][0]
+    ds, var = stats_from_attention_maps(attn, default_min_distance(256))
+    q, k = FirstLayerQK.from_pretrained(str(smollm2_dir))(ids)
+    assert q.shape == (9, 256, 64) and k.shape == (3, 256, 64)
+    for stats in (reference_head_stats(q, k), blocked_head_stats(q, k)):
+        assert torch.allclose(stats.ds, ds, rtol=1e-4, atol=0)
+        assert torch.allclose(stats.variance, var, rtol=1e-4, atol=0)
+
+
+@pytest.fixture
+def sharded_tiny(tmp_path, smollm2_dir):
+    """tiny_llama re-saved as two shards: embeddings + layer 0 in one, everything else in the other."""
+    src = resolve_model_path("tiny_llama", smollm2_dir.parent.parent)
+    weights = load_file(f"{src}/model.safetensors")
+    first = {
+        n: t
+        for n, t in weights.items()
+        if n == "model.embed_tokens.weight" or n.startswith("model.layers.0.")
+    }
+    rest = {n: t for n, t in weights.items() if n not in first}
+    out = tmp_path / "sharded"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("model.safetensors"))
+    save_file(first, out / "model-00001-of-00002.safetensors")
+    save_file(rest, out / "model-00002-of-00002.safetensors")
+    weight_map = {n: "model-00001-of-00002.safetensors" for n in first}
+    weight_map |= {n: "model-00002-of-00002.safetensors" for n in rest}
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return src, out
+
+
+def test_scores_with_the_later_shards_absent(sharded_tiny):
+    full_dir, sharded = sharded_tiny
+    (sharded / "model-00002-of-00002.safetensors").unlink()
+    ids = torch.arange(2, 130)
+    q1, k1 = FirstLayerQK.from_pretrained(str(sharded))(ids)
+    q2, k2 = FirstLayerQK.from_pretrained(full_dir)(ids)
+    assert torch.equal(q1, q2) and torch.equal(k1, k2)
+
+
+def test_rope_theta_override_changes_scores(smollm2_dir):
+    ids = torch.randint(0, 49152, (512,), generator=torch.Generator().manual_seed(1))
+    base = FirstLayerQK.from_pretrained(str(smollm2_dir))
+    assert base.config.rope_parameters["rope_theta"] == 100000.0
+    abf = FirstLayerQK.from_pretrained(str(smollm2_dir), rope_theta=2.5e6)
+    assert abf.config.rope_parameters["rope_theta"] == 2.5e6
+    s_base = blocked_head_stats(*base(ids))
+    s_abf = blocked_head_stats(*abf(ids))
+    assert float((s_base.ds - s_abf.ds).abs().max()) > 1e-3
+    q_b, _ = base(ids)
+    q_a, _ = abf(ids)
+    assert torch.equal(q_b[:, 0], q_a[:, 0])  # position 0 is not rotated: only RoPE differs

@@ -1,0 +1,184 @@
+"""Score and select stages on the tiny model: contract, resume, ranks, determinism, cache reuse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import selection.score
+from common.artifacts import artifact_for
+from common.stage import StageContext
+from experiments.pipeline import run_pipeline, stage_fingerprints
+from selection.scorers.attention_stats import blocked_head_stats
+from selection.scorers.first_layer import FirstLayerQK
+from selection.scorers.longattn import LongAttnScorer
+
+SMALL = (
+    "data.sources=[{domain: code, format: python_code, options: {packages: [json, tomllib]}},"
+    "{domain: docs, format: python_docs, options: {modules: [json, textwrap, difflib], reference_topics: false}}]"
+)
+TINY = [
+    "debug=tiny",
+    SMALL,
+    "data.max_windows_per_domain=10",
+    "selection.flush_every=3",
+    "selection.batch_size=2",
+]
+
+
+def artifacts(cfg) -> dict[str, Path]:
+    return {
+        k: Path(v) for k, v in json.loads((Path(cfg.paths.output_dir) / "artifacts.json").read_text()).items()
+    }
+
+
+def read(path: Path):
+    return pq.read_table(path).to_pylist()
+
+
+@pytest.fixture
+def scored(make_cfg):
+    cfg = make_cfg(*TINY, "stages=[prepare,score,select]")
+    manifests = run_pipeline(cfg)
+    return cfg, manifests, artifacts(cfg)
+
+
+def test_scores_follow_the_contract_and_the_maths(scored, smollm2_dir):
+    cfg, manifests, arts = scored
+    rows = read(arts["score"] / "scores.parquet")
+    assert manifests["score"]["windows"] == len(rows) == 20
+    assert list(rows[0]) == ["id", "domain", "n_tokens", "ds", "variance"]
+    assert [r["id"] for r in rows] == sorted(r["id"] for r in rows)
+    # Recompute one window by hand: [BOS] + window[:L-1] through the tiny model's first layer.
+    window = next(r for r in read(arts["prepare"] / "windows-00000.parquet") if r["id"] == rows[0]["id"])
+    qk = FirstLayerQK.from_pretrained("tiny_llama", smollm2_dir.parent.parent)
+    ids = torch.tensor([qk.config.bos_token_id] + window["input_ids"][:-1])
+    stats = blocked_head_stats(*qk(ids))
+    assert rows[0]["ds"] == pytest.approx(stats.mean_ds, rel=1e-6)
+    assert rows[0]["variance"] == pytest.approx(stats.mean_variance, rel=1e-6)
+
+
+def test_selection_contract_and_analysis(scored):
+    cfg, manifests, arts = scored
+    sel = read(arts["select"] / "selection.parquet")
+    assert list(sel[0]) == ["id", "domain", "score", "rank", "n_tokens"]
+    assert manifests["select"]["per_domain"] == {
+        "code": {"windows": 5, "tokens": 1280, "scored": 10},
+        "docs": {"windows": 5, "tokens": 1280, "scored": 10},
+    }
+    for domain in ("code", "docs"):
+        mine = [r for r in sel if r["domain"] == domain]
+        assert [r["rank"] for r in mine] == [1, 2, 3, 4, 5]
+        assert all(a["score"] >= b["score"] for a, b in zip(mine, mine[1:]))
+        assert (arts["select"] / f"hist_{domain}.png").stat().st_size > 1000
+    assert "| code |" in (arts["select"] / "analysis.md").read_text()
+    examples = (arts["select"] / "examples.md").read_text()
+    assert examples.count("## code: best") == 1 and examples.count("### `") == 12
+    mixture = json.loads((arts["select"] / "mixture.json").read_text())
+    assert mixture["long"] == {"code": 0.45, "docs": 0.45} and mixture["selected_tokens"] == {
+        "code": 1280,
+        "docs": 1280,
+    }
+
+
+def test_selected_are_the_top_half_by_global_min_max(scored):
+    _, _, arts = scored
+    scores = read(arts["score"] / "scores.parquet")
+    ds = np.array([r["ds"] for r in scores])
+    var = np.array([r["variance"] for r in scores])
+    combined = (ds - ds.min()) / (ds.max() - ds.min()) - 0.5 * (var - var.min()) / (var.max() - var.min())
+    expected = set()
+    for domain in ("code", "docs"):
+        idx = [i for i, r in enumerate(scores) if r["domain"] == domain]
+        idx.sort(key=lambda i: (-combined[i], scores[i]["id"]))
+        expected |= {scores[i]["id"] for i in idx[:5]}
+    assert {r["id"] for r in read(arts["select"] / "selection.parquet")} == expected
+
+
+def test_alpha_sweep_reuses_the_scores(make_cfg):
+    a = stage_fingerprints(make_cfg(*TINY, "selection.alpha=0.5"), ["select"])
+    b = stage_fingerprints(make_cfg(*TINY, "selection.alpha=1.0", "selection.batch_size=7"), ["select"])
+    assert a["score"] == b["score"] and a["select"] != b["select"]
+    c = stage_fingerprints(make_cfg(*TINY, "selection.scoring.rope_theta=2500000"), ["select"])
+    assert c["score"] != a["score"]
+
+
+def test_budget_selection(make_cfg, scored):
+    cfg = make_cfg(
+        *TINY,
+        "stages=[prepare,score,select]",
+        "selection.budget_tokens=1024",
+        "selection.domain_ratios={code: 3, docs: 1}",
+        root=Path(scored[0].paths.root_dir),
+    )
+    manifest = run_pipeline(cfg)["select"]
+    assert manifest["per_domain"]["code"]["tokens"] == 768 and manifest["per_domain"]["docs"]["tokens"] == 256
+
+
+def test_interrupted_scoring_resumes_to_the_same_result(make_cfg, tmp_path, monkeypatch):
+    reference = run_pipeline(make_cfg(*TINY, "stages=[prepare,score]", root=tmp_path / "clean"))
+    clean = read(
+        Path(reference["score"]["inputs"]["prepare"]).parent.parent
+        / "score"
+        / reference["score"]["fingerprint"]
+        / "scores.parquet"
+    )
+
+    calls = {"n": 0}
+    original = LongAttnScorer.score_batch
+
+    def dying(self, windows):
+        calls["n"] += 1
+        if calls["n"] > 5:  # 5 batches of 2 = 10 windows scored; flushes at 4 and 8 (>= flush_every=3)
+            raise KeyboardInterrupt("killed")
+        return original(self, windows)
+
+    monkeypatch.setattr(LongAttnScorer, "score_batch", dying)
+    cfg = make_cfg(*TINY, "stages=[prepare,score]", root=tmp_path / "killed")
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg)
+    parts = sorted((tmp_path / "killed" / "artifacts" / "score").glob("*/parts/rank-*.parquet"))
+    assert len(parts) == 2 and not list(parts[0].parent.parent.glob("manifest.json"))
+    monkeypatch.setattr(LongAttnScorer, "score_batch", original)
+    resumed = run_pipeline(cfg)
+    assert resumed["score"]["scored_this_run_rank0"] == 20 - 8  # the 2 unflushed windows are redone
+    assert read(artifacts(cfg)["score"] / "scores.parquet") == clean
+
+
+def test_two_ranks_score_disjoint_shards_and_merge(make_cfg, tmp_path, monkeypatch):
+    single = run_pipeline(make_cfg(*TINY, "stages=[prepare,score]", root=tmp_path / "one"))
+    cfg = make_cfg(*TINY, "stages=[prepare]", root=tmp_path / "two")
+    run_pipeline(cfg)
+    fps = stage_fingerprints(cfg, ["score"])
+    prep = artifact_for(tmp_path / "two" / "artifacts", "prepare", fps["prepare"])
+    out = artifact_for(tmp_path / "two" / "artifacts", "score", fps["score"])
+    out.path.mkdir(parents=True)
+    ctx = StageContext(out_dir=out.path, inputs={"prepare": prep}, cache_dir=Path(cfg.paths.cache_dir))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_PORT", "29511")
+    monkeypatch.setenv("RANK", "1")
+    assert selection.score.run(cfg, ctx) is None  # rank 1 scores its half and leaves the merge to rank 0
+    rank1 = [r for part in sorted((out.path / "parts").glob("rank-0001-*.parquet")) for r in read(part)]
+    assert len({r["id"] for r in rank1}) == 10
+    monkeypatch.setenv("RANK", "0")
+    manifest = selection.score.run(cfg, ctx)
+    assert (
+        manifest["windows"] == 20 and manifest["world_size"] == 2 and manifest["scored_this_run_rank0"] == 10
+    )
+    merged = read(out.path / "scores.parquet")
+    one = read(tmp_path / "one" / "artifacts" / "score" / single["score"]["fingerprint"] / "scores.parquet")
+    assert merged == one
+
+
+def test_same_config_same_selection(make_cfg, tmp_path):
+    def selection_rows(root):
+        cfg = make_cfg(*TINY, "stages=[prepare,score,select]", root=root)
+        run_pipeline(cfg)
+        return (artifacts(cfg)["select"] / "selection.parquet").read_bytes()
+
+    assert selection_rows(tmp_path / "a") == selection_rows(tmp_path / "b")
