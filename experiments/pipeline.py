@@ -98,6 +98,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     manifests: dict[str, Any] = {}
     try:
         for name in requested:
+            STAGES[name].check_implemented()
             inputs: dict[str, Artifact] = {}
             for upstream in STAGES[name].inputs:
                 art = artifact_for(artifacts_dir, upstream, fps[upstream])

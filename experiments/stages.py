@@ -40,9 +40,12 @@ class StageSpec:
         module, func = ref.split(":")
         return getattr(importlib.import_module(module), func)
 
-    def run(self, cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
+    def check_implemented(self) -> None:
         if self.runner is None:
             raise StageNotImplementedError(self.name, self.pending)
+
+    def run(self, cfg: DictConfig, ctx: StageContext) -> dict[str, Any] | None:
+        self.check_implemented()
         return self._load(self.runner)(cfg, ctx)
 
     def fingerprint(self, cfg: DictConfig, input_fps: dict[str, str]) -> str:
