@@ -315,3 +315,7 @@ def iter_documents(
             seen_in_domain.add(source_id)
             stats.documents[spec.domain] += 1
             yield {"domain": spec.domain, "source_id": source_id, "text": text}
+
+
+# The demo readers register themselves on import; keep them available wherever formats are validated.
+from selection import demo_corpus  # noqa: E402,F401

@@ -20,7 +20,6 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-import selection.demo_corpus  # noqa: F401  (registers the demo readers)
 from common.atomic import atomic_write
 from common.model_sources import load_tokenizer
 from common.stage import StageContext

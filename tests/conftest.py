@@ -10,6 +10,11 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # Triton kernels run under the interpreter on CPU (before triton loads)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402

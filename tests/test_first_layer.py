@@ -82,3 +82,11 @@ def test_rope_theta_override_changes_scores(smollm2_dir):
     q_b, _ = base(ids)
     q_a, _ = abf(ids)
     assert torch.equal(q_b[:, 0], q_a[:, 0])  # position 0 is not rotated: only RoPE differs
+
+
+def test_chunked_projection_equals_one_piece(smollm2_dir):
+    qk = FirstLayerQK.from_pretrained(str(smollm2_dir))
+    ids = torch.randint(0, 49152, (300,), generator=torch.Generator().manual_seed(2))
+    q1, k1 = qk(ids, chunk=64)
+    q2, k2 = qk(ids, chunk=10**6)
+    assert torch.allclose(q1, q2, rtol=1e-6, atol=1e-6) and torch.allclose(k1, k2, rtol=1e-6, atol=1e-6)

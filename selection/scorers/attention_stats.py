@@ -103,15 +103,16 @@ def blocked_head_sums(
     """
     heads, kv_heads, length, dim = _check(q_HLD, k_KLD, min_distance)
     rep = heads // kv_heads
-    q = (q_HLD.float() * dim**-0.5).reshape(kv_heads, rep, length, dim)
+    q = q_HLD.reshape(kv_heads, rep, length, dim)
     k = k_KLD.float()
+    scale = dim**-0.5
     device = q.device
     sum_p = torch.zeros(kv_heads, rep, dtype=torch.float64, device=device)
     sum_p2 = torch.zeros_like(sum_p)
     for r0 in range(0, length, block_q):
         r1 = min(r0 + block_q, length)
         n = r1 - r0
-        q_blk = q[:, :, r0:r1].reshape(kv_heads, rep * n, dim)
+        q_blk = q[:, :, r0:r1].reshape(kv_heads, rep * n, dim).float() * scale  # a block-sized copy only
         rows = torch.arange(r0, r1, device=device)[:, None]
         m = torch.full((kv_heads, rep, n), float("-inf"), device=device)
         norm = torch.zeros((kv_heads, rep, n), device=device)
@@ -126,12 +127,12 @@ def blocked_head_sums(
             m_new = torch.maximum(m, s.amax(-1))
             alpha = torch.exp(m - m_new)
             p = s.sub_(m_new[..., None]).exp_()
-            norm.mul_(alpha).add_(p.sum(-1))
-            alpha2 = alpha * alpha
+            row_sum = p.sum(-1)
+            norm.mul_(alpha).add_(row_sum)
             s1.mul_(alpha)
-            s2.mul_(alpha2)
+            s2.mul_(alpha * alpha)
             if c1 - 1 <= r0 - min_distance:  # whole tile is in the far region
-                s1.add_(p.sum(-1))
+                s1.add_(row_sum)
                 s2.add_(torch.linalg.vecdot(p, p))
             elif c0 <= r1 - 1 - min_distance:  # tile straddles the far-region boundary
                 far = p * (cols <= rows - min_distance)

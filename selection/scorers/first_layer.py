@@ -116,9 +116,24 @@ class FirstLayerQK:
         return cls(config, load_layer_zero(name_or_path, cache_dir), device, dtype)
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """input_ids [L] -> q [H, L, D], k [K, L, D] (in the model dtype; statistics upcast to float32)."""
+    def __call__(self, input_ids: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids [L] -> q [H, L, D], k [K, L, D] (in the model dtype; statistics upcast to float32).
+
+        Computed `chunk` positions at a time into preallocated outputs, so the only full-length tensors
+        are q and k themselves (RoPE depends on absolute positions, which each chunk passes on)."""
         ids = input_ids.to(self.device, dtype=torch.long)
+        length = ids.shape[0]
+        if "dynamic" in str(getattr(self.rotary, "rope_type", "")):
+            chunk = length  # dynamic NTK rescales by the longest position seen: project in one piece
+        q = torch.empty(self.heads, length, self.head_dim, device=self.device, dtype=self.dtype)
+        k = torch.empty(self.kv_heads, length, self.head_dim, device=self.device, dtype=self.dtype)
+        for start in range(0, length, chunk):
+            q[:, start : start + chunk], k[:, start : start + chunk] = self._project(
+                ids[start : start + chunk], start
+            )
+        return q, k
+
+    def _project(self, ids: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.embed[ids]
         # LlamaRMSNorm: normalise in float32, cast back, then scale.
         h32 = hidden.float()
@@ -128,7 +143,7 @@ class FirstLayerQK:
         length = ids.shape[0]
         q = q.view(1, length, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(1, length, self.kv_heads, self.head_dim).transpose(1, 2)
-        positions = torch.arange(length, device=self.device)[None]
+        positions = torch.arange(offset, offset + length, device=self.device)[None]
         cos, sin = self.rotary(q, positions)
         q, k = self.apply_rope(q, k, cos, sin)
         return q[0], k[0]
