@@ -182,3 +182,53 @@ def test_same_config_same_selection(make_cfg, tmp_path):
         return (artifacts(cfg)["select"] / "selection.parquet").read_bytes()
 
     assert selection_rows(tmp_path / "a") == selection_rows(tmp_path / "b")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_end_to_end(tmp_path):
+    """Two real ranks: prepare and select on rank 0 (rank 1 waits), score sharded, one merged artifact."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).parent.parent
+    env = {**os.environ, "LONGATTN_RUN_DIR": str(tmp_path / "run"), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29547",
+        str(root / "run.py"),
+        "stages=[prepare,score,select]",
+        "debug=tiny",
+        "data.sources=[{domain: code, format: python_code, options: {packages: [json]}}]",
+        f"paths.root_dir={tmp_path}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    index = json.loads((tmp_path / "run" / "artifacts.json").read_text())
+    manifest = json.loads((Path(index["score"]) / "manifest.json").read_text())
+    assert (
+        manifest["world_size"] == 2 and manifest["windows"] == 12 and manifest["scored_this_run_rank0"] == 6
+    )
+    parts = sorted(p.name for p in (Path(index["score"]) / "parts").glob("*.parquet"))
+    assert parts == ["rank-0000-000000.parquet", "rank-0001-000000.parquet"]
+    assert len(read(Path(index["select"]) / "selection.parquet")) == 6
+
+
+def test_scorer_with_another_vocabulary_is_refused(make_cfg, tmp_path, smollm2_dir):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from common.model_sources import resolve_model_path
+
+    other = tmp_path / "other_vocab"
+    shutil.copytree(resolve_model_path("tiny_llama", smollm2_dir.parent.parent), other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<brand-new-token>"])
+    tok.save_pretrained(other)
+    cfg = make_cfg(*TINY, "stages=[prepare,score]", f"selection.scorer_model.name_or_path={other}")
+    with pytest.raises(ValueError, match="has a different vocabulary"):
+        run_pipeline(cfg)
