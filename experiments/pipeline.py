@@ -72,12 +72,7 @@ def run_stage(
             **manifest,
             "seconds": round(time.time() - started, 3),
             "inputs": {k: str(v.path) for k, v in inputs.items()},
-            "config": {
-                k: OmegaConf.to_container(OmegaConf.select(cfg, k), resolve=True)
-                if OmegaConf.is_config(OmegaConf.select(cfg, k))
-                else OmegaConf.select(cfg, k)
-                for k in STAGES[name].config_keys
-            },
+            "config": spec.resolved_config(cfg),
         }
     )
     tracker.log_metrics(flatten_numbers(manifest, name))

@@ -48,11 +48,16 @@ class StageSpec:
         self.check_implemented()
         return self._load(self.runner)(cfg, ctx)
 
-    def fingerprint(self, cfg: DictConfig, input_fps: dict[str, str]) -> str:
-        material: dict[str, Any] = {"version": self.version}
+    def resolved_config(self, cfg: DictConfig) -> dict[str, Any]:
+        """The stage's result-deciding config keys, resolved to plain values."""
+        out: dict[str, Any] = {}
         for key in self.config_keys:
             node = OmegaConf.select(cfg, key, default=None)
-            material[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+            out[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+        return out
+
+    def fingerprint(self, cfg: DictConfig, input_fps: dict[str, str]) -> str:
+        material: dict[str, Any] = {"version": self.version, **self.resolved_config(cfg)}
         if self.extras:
             material["extras"] = self._load(self.extras)(cfg)
         return fingerprint(self.name, material, input_fps, ignored=NON_RESULT_KEYS + self.ignored)

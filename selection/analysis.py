@@ -80,5 +80,16 @@ def examples_markdown(
     return "".join(parts)
 
 
+def roc_auc(positive: Sequence[float], negative: Sequence[float]) -> float:
+    """P(score of a random positive > score of a random negative), ties counting one half
+    (the Mann-Whitney U statistic over n_pos * n_neg)."""
+    pos, neg = np.asarray(positive, dtype=np.float64), np.asarray(negative, dtype=np.float64)
+    if not len(pos) or not len(neg):
+        raise ValueError("roc_auc needs at least one positive and one negative score")
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
 def write_text(path: Path, text: str) -> None:
     atomic_write_text(path, text)

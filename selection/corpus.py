@@ -72,10 +72,11 @@ READERS: Registry[Callable[[SourceSpec], RawRecords]] = Registry("corpus format"
 
 
 def _field(record: Any, spec: SourceSpec, location: str) -> Any:
+    """The record's text field, or a BadRecord saying why there is none (the policy is applied later)."""
     if not isinstance(record, dict):
-        raise BadRecord(location, f"record is a {type(record).__name__}, not an object")
+        return BadRecord(location, f"record is a {type(record).__name__}, not an object")
     if spec.text_field not in record:
-        raise BadRecord(location, f"no field '{spec.text_field}' (set data.sources[*].text_field)")
+        return BadRecord(location, f"no field '{spec.text_field}' (set data.sources[*].text_field)")
     return record[spec.text_field]
 
 
@@ -96,10 +97,7 @@ def read_jsonl(spec: SourceSpec, path: Path) -> RawRecords:
             except json.JSONDecodeError as exc:
                 yield BadRecord(location, f"malformed JSON ({exc.msg}, column {exc.colno})"), location
                 continue
-            try:
-                yield _field(record, spec, location), location
-            except BadRecord as bad:
-                yield bad, location
+            yield _field(record, spec, location), location
 
 
 @READERS.register("json")
@@ -117,19 +115,13 @@ def read_json_array(spec: SourceSpec, path: Path) -> RawRecords:
         raise CorpusError(f"{path}: expected a JSON array of objects, found a {type(records).__name__}")
     for index, record in enumerate(records):
         location = f"{path}[{index}]"
-        try:
-            yield _field(record, spec, location), location
-        except BadRecord as bad:
-            yield bad, location
+        yield _field(record, spec, location), location
 
 
 def _read_table_rows(spec: SourceSpec, rows: Iterator[dict], origin: str) -> RawRecords:
     for index, record in enumerate(rows):
         location = f"{origin}#row {index}"
-        try:
-            yield _field(record, spec, location), location
-        except BadRecord as bad:
-            yield bad, location
+        yield _field(record, spec, location), location
 
 
 @READERS.register("parquet")

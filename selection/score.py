@@ -28,7 +28,7 @@ from common.atomic import atomic_write, atomic_write_text
 from common.distributed import RankInfo, rank_info, wait_until
 from common.model_sources import load_tokenizer
 from common.stage import StageContext
-from selection.scorers.registry import ScorerSetup, build_scorer
+from selection.scorers.registry import ScorerSetup, build_scorer, scorer_class
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +114,10 @@ class PartWriter:
 
 
 def check_vocabulary(cfg: DictConfig, conf: ScoreConfig, ctx: StageContext) -> None:
-    """Windows hold token ids of `model`'s tokenizer; a scorer with another vocabulary would read garbage."""
+    """Windows hold token ids of `model`'s tokenizer; a scorer that reads ids with another vocabulary would
+    read garbage (text-based scorers such as ProLong re-tokenize instead)."""
     windows_tok = cfg.model.name_or_path
-    if conf.scorer_model == windows_tok:
+    if conf.scorer_model == windows_tok or not scorer_class(conf.method).requires_window_vocabulary:
         return
     a, b = load_tokenizer(windows_tok, ctx.cache_dir), load_tokenizer(conf.scorer_model, ctx.cache_dir)
     if a.get_vocab() != b.get_vocab():
@@ -127,7 +128,13 @@ def check_vocabulary(cfg: DictConfig, conf: ScoreConfig, ctx: StageContext) -> N
         )
 
 
-def score_my_windows(conf: ScoreConfig, ctx: StageContext, ranks: RankInfo, parts_dir: Path) -> int:
+def score_my_windows(
+    conf: ScoreConfig,
+    ctx: StageContext,
+    ranks: RankInfo,
+    parts_dir: Path,
+    windows_tokenizer: str | None = None,
+) -> int:
     """Score this rank's unfinished windows; returns how many were scored in this call."""
     done = finished_ids(parts_dir)
     shards = window_shards(ctx.inputs["prepare"].path)
@@ -146,7 +153,12 @@ def score_my_windows(conf: ScoreConfig, ctx: StageContext, ranks: RankInfo, part
         return 0
     scorer = build_scorer(
         ScorerSetup(
-            conf.method, conf.scorer_model, conf.options, ctx.cache_dir, resolve_device(conf.device, ranks)
+            conf.method,
+            conf.scorer_model,
+            conf.options,
+            ctx.cache_dir,
+            resolve_device(conf.device, ranks),
+            windows_tokenizer,
         )
     )
     writer = PartWriter(parts_dir, ranks.rank)
@@ -167,7 +179,7 @@ def score_my_windows(conf: ScoreConfig, ctx: StageContext, ranks: RankInfo, part
         for b in range(0, len(rows), conf.batch_size):
             batch = rows[b : b + conf.batch_size]
             windows = [table.column("input_ids")[r].values.to_numpy() for r in batch]
-            results = scorer.score_batch(windows)
+            results = scorer.score_batch(windows, [ids[r] for r in batch])
             writer.add(
                 [
                     {"id": ids[r], "domain": table.column("domain")[r].as_py(), "n_tokens": lengths[r], **res}
@@ -228,7 +240,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any] | None:
     if ranks.is_main:
         check_vocabulary(cfg, conf, ctx)
     started = time.monotonic()
-    scored = score_my_windows(conf, ctx, ranks, parts_dir)
+    scored = score_my_windows(conf, ctx, ranks, parts_dir, cfg.model.name_or_path)
     launch = launch_id()
     atomic_write_text(
         parts_dir / f"rank-{ranks.rank:04d}.done", json.dumps({"scored": scored, "launch": launch})

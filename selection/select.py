@@ -75,6 +75,16 @@ def _longattn_rule(table: pa.Table, conf: SelectConfig) -> np.ndarray:
     )
 
 
+def _column_rule(column: str) -> ScoreRule:
+    """Rivals: their statistic as is, higher is better (ranking within a domain needs no normalisation)."""
+    return lambda table, conf: table.column(column).to_numpy().astype(np.float64)
+
+
+SCORE_RULES.add("ladm", _column_rule("cds"))
+SCORE_RULES.add("prolong", _column_rule("lds"))
+SCORE_RULES.add("random", _column_rule("u"))
+
+
 def read_scores(score_dir: Path) -> pa.Table:
     path = Path(score_dir) / SCORES_FILE
     if not path.is_file():

@@ -16,9 +16,7 @@ import torch
 
 from selection.scorers.attention_stats import IMPLS, default_min_distance, head_stats
 from selection.scorers.first_layer import FirstLayerQK
-from selection.scorers.registry import SCORERS, ScorerSetup
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from selection.scorers.registry import DTYPES, SCORERS, ScorerSetup, resolve_dtype, typed_options
 
 
 @dataclass
@@ -41,7 +39,7 @@ class LongAttnOptions:
         if self.impl not in (*IMPLS, "auto"):
             raise ValueError(f"selection.scoring.impl={self.impl}: choose one of {IMPLS} or auto")
         if self.dtype not in (*DTYPES, "auto"):
-            raise ValueError(f"selection.scoring.dtype={self.dtype}: choose one of {tuple(DTYPES)} or auto")
+            raise ValueError(f"selection.scoring.dtype={self.dtype}: choose one of {DTYPES} or auto")
         if self.min_distance is not None and self.min_distance < 1:
             raise ValueError(f"selection.scoring.min_distance={self.min_distance}: must be >= 1 or null")
 
@@ -60,20 +58,12 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 
 
 class LongAttnScorer:
+    requires_window_vocabulary = True
+
     def __init__(self, setup: ScorerSetup) -> None:
-        known = set(LongAttnOptions.__dataclass_fields__)
-        unknown = set(setup.options) - known
-        if unknown:
-            raise ValueError(
-                f"selection.scoring: unknown key(s) {sorted(unknown)} for longattn; known: {sorted(known)}"
-            )
-        self.options = opts = LongAttnOptions(**setup.options)
+        self.options = opts = typed_options(LongAttnOptions, setup.options, "longattn")
         device = torch.device(setup.device)
-        dtype = (
-            DTYPES[opts.dtype]
-            if opts.dtype != "auto"
-            else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        )
+        dtype = resolve_dtype(opts.dtype, setup.device)
         self.impl = resolve_impl(opts.impl, device)
         self.qk = FirstLayerQK.from_pretrained(setup.model, setup.cache_dir, opts.rope_theta, device, dtype)
         self.bos = self.qk.config.bos_token_id
@@ -107,7 +97,7 @@ class LongAttnScorer:
             row.update({f"variance_h{h}": float(v) for h, v in enumerate(stats.variance)})
         return row
 
-    def score_batch(self, windows: Sequence[np.ndarray]) -> list[dict[str, float]]:
+    def score_batch(self, windows: Sequence[np.ndarray], ids: Sequence[str] = ()) -> list[dict[str, float]]:
         return [self.score_window(w) for w in windows]
 
 

@@ -23,21 +23,66 @@ class ScorerSetup:
     """The `selection.scoring` mapping; each scorer types it into its own dataclass."""
     cache_dir: Path | None = None
     device: str = "cpu"
+    windows_tokenizer: str | None = None
+    """name_or_path whose tokenizer produced the window ids (text-based scorers decode with it)."""
+    seed: int = 0
 
 
 class WindowScorer(Protocol):
     columns: list[str]
     """Score columns this scorer writes, in order (the scores contract's method-specific part)."""
+    requires_window_vocabulary: bool
+    """True when the scorer's model reads the window ids directly (so its vocabulary must match)."""
 
-    def score_batch(self, windows: Sequence[np.ndarray]) -> list[dict[str, float]]:
-        """One dict of `columns` per window (token ids as int arrays)."""
+    def score_batch(self, windows: Sequence[np.ndarray], ids: Sequence[str]) -> list[dict[str, float]]:
+        """One dict of `columns` per window (token ids as int arrays; `ids` seed per-window sampling)."""
         ...
 
 
 SCORERS: Registry[Callable[[ScorerSetup], WindowScorer]] = Registry("scorer")
 
 
-def build_scorer(setup: ScorerSetup) -> WindowScorer:
-    import selection.scorers.longattn  # noqa: F401  (registers)
+def scorer_class(method: str):
+    import selection.scorers.ladm  # noqa: F401  (each module registers its scorer)
+    import selection.scorers.longattn  # noqa: F401
+    import selection.scorers.prolong  # noqa: F401
+    import selection.scorers.random_scorer  # noqa: F401
 
-    return SCORERS.get(setup.method)(setup)
+    return SCORERS.get(method)
+
+
+def build_scorer(setup: ScorerSetup) -> WindowScorer:
+    return scorer_class(setup.method)(setup)
+
+
+def typed_options(cls, options: dict[str, Any], method: str):
+    """`selection.scoring` as the scorer's dataclass; unknown keys are named, not ignored."""
+    unknown = set(options) - set(cls.__dataclass_fields__)
+    if unknown:
+        raise ValueError(
+            f"selection.scoring: unknown key(s) {sorted(unknown)} for {method}; "
+            f"known: {sorted(cls.__dataclass_fields__)}"
+        )
+    return cls(**options)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_dtype(name: str, device: str, cuda_default: str = "bfloat16"):
+    """`selection.scoring.dtype`: a name, or auto = `cuda_default` on CUDA and float32 elsewhere."""
+    import torch
+
+    if name == "auto":
+        name = cuda_default if torch.device(device).type == "cuda" else "float32"
+    if name not in DTYPES:
+        raise ValueError(f"selection.scoring.dtype={name}: choose one of {DTYPES} or auto")
+    return getattr(torch, name)
+
+
+def window_rng(seed: int, window_id: str) -> np.random.Generator:
+    """A generator that depends only on (seed, window id): the same draws on any rank, in any order."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}:{window_id}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
