@@ -132,11 +132,11 @@ def test_interrupted_scoring_resumes_to_the_same_result(make_cfg, tmp_path, monk
     calls = {"n": 0}
     original = LongAttnScorer.score_batch
 
-    def dying(self, windows):
+    def dying(self, windows, ids=()):
         calls["n"] += 1
         if calls["n"] > 5:  # 5 batches of 2 = 10 windows scored; flushes at 4 and 8 (>= flush_every=3)
             raise KeyboardInterrupt("killed")
-        return original(self, windows)
+        return original(self, windows, ids)
 
     monkeypatch.setattr(LongAttnScorer, "score_batch", dying)
     cfg = make_cfg(*TINY, "stages=[prepare,score]", root=tmp_path / "killed")

@@ -121,7 +121,9 @@ class ProLongScorer:
         path = resolve_model_path(setup.model, setup.cache_dir)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         self.device = device
-        self.batch_size = opts.batch_size if opts.batch_size != "auto" else (256 if device.type == "cuda" else 16)
+        self.batch_size = (
+            opts.batch_size if opts.batch_size != "auto" else (256 if device.type == "cuda" else 16)
+        )
         self.tokenizer = load_tokenizer(setup.model, setup.cache_dir)
         self.windows_tokenizer = None
         if setup.windows_tokenizer and setup.windows_tokenizer != setup.model:
