@@ -66,9 +66,10 @@ def _check(q_HLD: torch.Tensor, k_KLD: torch.Tensor, min_distance: int) -> tuple
 
 
 def reference_head_stats(
-    q_HLD: torch.Tensor, k_KLD: torch.Tensor, min_distance: int | None = None
+    q_HLD: torch.Tensor, k_KLD: torch.Tensor, min_distance: int | None = None, exclude_sink_tokens: int = 0
 ) -> HeadStats:
-    """The authors' algorithm, literally: full L x L causal softmax per head, their triangular mask.
+    """The authors' algorithm, literally: full L x L causal softmax per head, their triangular mask
+    (with the first `exclude_sink_tokens` key columns cleared from it when asked).
 
     O(L^2) memory per head. Ground truth for tests and benchmarks only.
     """
@@ -79,6 +80,7 @@ def reference_head_stats(
     far_mask[length - mask_size :, :mask_size] = torch.tril(
         torch.ones(mask_size, mask_size, device=q_HLD.device)
     )
+    far_mask[:, :exclude_sink_tokens] = 0
     causal = torch.full((length, length), float("-inf"), device=q_HLD.device).triu(1)
     ds, variance = [], []
     for h in range(heads):
@@ -92,7 +94,12 @@ def reference_head_stats(
 
 
 def blocked_head_sums(
-    q_HLD: torch.Tensor, k_KLD: torch.Tensor, min_distance: int, block_q: int = 256, block_k: int = 512
+    q_HLD: torch.Tensor,
+    k_KLD: torch.Tensor,
+    min_distance: int,
+    block_q: int = 256,
+    block_k: int = 512,
+    exclude_sink_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head S1 = sum(Mt), S2 = sum(Mt^2) without materialising L x L.
 
@@ -100,6 +107,7 @@ def blocked_head_sums(
     softmax: running row max m and normaliser l, and running far-region sums s1 = sum exp(s - m) and
     s2 = sum exp(2(s - m)), all rescaled when m grows. At the end a row's sum of p over far keys is s1 / l
     and of p^2 is s2 / l^2. Scores and sums are float32 whatever the input dtype; totals float64.
+    Keys before `exclude_sink_tokens` stay in the normaliser but not in the far region.
     """
     heads, kv_heads, length, dim = _check(q_HLD, k_KLD, min_distance)
     rep = heads // kv_heads
@@ -131,11 +139,12 @@ def blocked_head_sums(
             norm.mul_(alpha).add_(row_sum)
             s1.mul_(alpha)
             s2.mul_(alpha * alpha)
-            if c1 - 1 <= r0 - min_distance:  # whole tile is in the far region
+            sink = exclude_sink_tokens
+            if c1 - 1 <= r0 - min_distance and c0 >= sink:  # whole tile is in the far region
                 s1.add_(row_sum)
                 s2.add_(torch.linalg.vecdot(p, p))
-            elif c0 <= r1 - 1 - min_distance:  # tile straddles the far-region boundary
-                far = p * (cols <= rows - min_distance)
+            elif c0 <= r1 - 1 - min_distance and c1 > sink:  # tile straddles a far-region boundary
+                far = p * ((cols <= rows - min_distance) & (cols >= sink))
                 s1.add_(far.sum(-1))
                 s2.add_(torch.linalg.vecdot(far, far))
             m = m_new
@@ -150,22 +159,30 @@ def blocked_head_stats(
     min_distance: int | None = None,
     block_q: int = 256,
     block_k: int = 512,
+    exclude_sink_tokens: int = 0,
 ) -> HeadStats:
     length = q_HLD.shape[1]
     k_dist = default_min_distance(length) if min_distance is None else min_distance
-    return stats_from_sums(*blocked_head_sums(q_HLD, k_KLD, k_dist, block_q, block_k), length)
+    sums = blocked_head_sums(q_HLD, k_KLD, k_dist, block_q, block_k, exclude_sink_tokens)
+    return stats_from_sums(*sums, length)
 
 
 def head_stats(
-    q_HLD: torch.Tensor, k_KLD: torch.Tensor, min_distance: int | None = None, impl: str = "blocked"
+    q_HLD: torch.Tensor,
+    k_KLD: torch.Tensor,
+    min_distance: int | None = None,
+    impl: str = "blocked",
+    exclude_sink_tokens: int = 0,
 ) -> HeadStats:
     """One entry point for the three implementations (`scoring.impl`)."""
+    if exclude_sink_tokens < 0:
+        raise ValueError(f"scoring.exclude_sink_tokens={exclude_sink_tokens}: must be >= 0")
     if impl == "reference":
-        return reference_head_stats(q_HLD, k_KLD, min_distance)
+        return reference_head_stats(q_HLD, k_KLD, min_distance, exclude_sink_tokens)
     if impl == "blocked":
-        return blocked_head_stats(q_HLD, k_KLD, min_distance)
+        return blocked_head_stats(q_HLD, k_KLD, min_distance, exclude_sink_tokens=exclude_sink_tokens)
     if impl == "triton":
         from selection.scorers.attention_stats_triton import triton_head_stats
 
-        return triton_head_stats(q_HLD, k_KLD, min_distance)
+        return triton_head_stats(q_HLD, k_KLD, min_distance, exclude_sink_tokens=exclude_sink_tokens)
     raise ValueError(f"scoring.impl={impl}: choose one of {IMPLS} (or auto)")

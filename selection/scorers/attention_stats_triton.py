@@ -32,6 +32,7 @@ def _far_sums_kernel(
     stride_kl,
     length,
     min_distance,
+    sink,
     scale,
     REP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -73,7 +74,7 @@ def _far_sums_kernel(
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        far = visible & ((rows[:, None] - cols[None, :]) >= min_distance)
+        far = visible & ((rows[:, None] - cols[None, :]) >= min_distance) & (cols[None, :] >= sink)
         pf = tl.where(far, p, 0.0)
         s1 = s1 * alpha + tl.sum(pf, 1)
         s2 = s2 * alpha * alpha + tl.sum(pf * pf, 1)
@@ -85,7 +86,12 @@ def _far_sums_kernel(
 
 
 def triton_head_sums(
-    q_HLD: torch.Tensor, k_KLD: torch.Tensor, min_distance: int, block_m: int = 64, block_n: int = 64
+    q_HLD: torch.Tensor,
+    k_KLD: torch.Tensor,
+    min_distance: int,
+    block_m: int = 64,
+    block_n: int = 64,
+    exclude_sink_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     heads, kv_heads, length, dim = _check(q_HLD, k_KLD, min_distance)
     q, k = q_HLD.contiguous(), k_KLD.contiguous()
@@ -109,6 +115,7 @@ def triton_head_sums(
         k.stride(1),
         length,
         min_distance,
+        exclude_sink_tokens,
         dim**-0.5,
         REP=heads // kv_heads,
         HEAD_DIM=dim,
@@ -126,7 +133,9 @@ def triton_head_stats(
     min_distance: int | None = None,
     block_m: int = 64,
     block_n: int = 64,
+    exclude_sink_tokens: int = 0,
 ) -> HeadStats:
     length = q_HLD.shape[1]
     k_dist = default_min_distance(length) if min_distance is None else min_distance
-    return stats_from_sums(*triton_head_sums(q_HLD, k_KLD, k_dist, block_m, block_n), length)
+    sums = triton_head_sums(q_HLD, k_KLD, k_dist, block_m, block_n, exclude_sink_tokens)
+    return stats_from_sums(*sums, length)
