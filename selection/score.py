@@ -172,9 +172,9 @@ def score_my_windows(
     )
     for shard in shards:
         table = pq.read_table(shard, columns=[*BASE_COLUMNS, "input_ids"])
-        rows = [r for r in range(table.num_rows) if table.column("id")[r].as_py() in mine]
         lengths = table.column("n_tokens").to_pylist()
         ids = table.column("id").to_pylist()
+        rows = [r for r, window_id in enumerate(ids) if window_id in mine]
         rows.sort(key=lambda r: (-lengths[r], ids[r]))  # length-sorted batches
         for b in range(0, len(rows), conf.batch_size):
             batch = rows[b : b + conf.batch_size]
