@@ -3,7 +3,6 @@ contract (`id, domain, score, rank, n_tokens`), the training mixture and the ana
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from common.model_sources import load_tokenizer
 from common.registry import Registry
 from common.stage import StageContext
 from selection import analysis
-from selection.ranking import NORMALIZATIONS, longattn_score, select_per_domain, training_mixture
+from selection.ranking import NORMALIZATIONS, longattn_score, rank_order, select_per_domain, training_mixture
 from selection.score import SCORES_FILE
 
 log = logging.getLogger(__name__)
@@ -103,6 +102,59 @@ def window_decoder(prepare_dir: Path, wanted: set[str], tokenizer) -> Callable[[
     return lambda window_id: texts[window_id]
 
 
+SELECTION_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("domain", pa.string()),
+        ("score", pa.float64()),
+        ("rank", pa.int64()),
+        ("n_tokens", pa.int64()),
+    ]
+)
+
+
+def write_selection(path: Path, ids, domains, n_tokens, scores, chosen: dict[str, list[int]]) -> int:
+    """The selection contract, domain by domain in rank order; returns the number of rows."""
+    rows = [
+        {"id": ids[i], "domain": d, "score": float(scores[i]), "rank": r + 1, "n_tokens": n_tokens[i]}
+        for d, order in chosen.items()
+        for r, i in enumerate(order)
+    ]
+    table = pa.Table.from_pylist(rows, schema=SELECTION_SCHEMA)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    return len(rows)
+
+
+def write_analysis(
+    out_dir: Path,
+    table: pa.Table,
+    scores: np.ndarray,
+    chosen: dict[str, list[int]],
+    decoder: Callable[[set[str]], Callable[[str], str]],
+) -> tuple[dict, list[str]]:
+    """analysis.md (Table 10 layout), histograms, and the best/worst windows' text per domain."""
+    ids = table.column("id").to_pylist()
+    domains = table.column("domain").to_pylist()
+    selected = np.zeros(len(ids), dtype=bool)
+    for order in chosen.values():
+        selected[order] = True
+    columns = {c: table.column(c).to_numpy() for c in ("ds", "variance") if c in table.column_names}
+    columns["score"] = scores
+    stats = analysis.domain_statistics(domains, columns)
+    analysis.write_text(
+        out_dir / "analysis.md", "# Score statistics per domain\n\n" + analysis.statistics_markdown(stats)
+    )
+    plots = analysis.write_histograms(out_dir, domains, columns, selected)
+    ranked = rank_order(ids, scores)
+    best_worst = {}
+    for domain in sorted(set(domains)):
+        mine = [(ids[i], float(scores[i])) for i in ranked if domains[i] == domain]
+        best_worst[domain] = (mine[:EXAMPLES_PER_END], mine[-EXAMPLES_PER_END:][::-1])
+    wanted = {w for best, worst in best_worst.values() for w, _ in best + worst}
+    analysis.write_text(out_dir / "examples.md", analysis.examples_markdown(best_worst, decoder(wanted)))
+    return stats, plots
+
+
 def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     conf = SelectConfig.from_cfg(cfg)
     table = read_scores(ctx.inputs["score"].path)
@@ -113,23 +165,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     chosen = select_per_domain(
         ids, domains, n_tokens, scores, conf.fraction, conf.budget_tokens, conf.domain_ratios
     )
-
-    rows = [
-        {"id": ids[i], "domain": d, "score": float(scores[i]), "rank": r + 1, "n_tokens": n_tokens[i]}
-        for d, order in chosen.items()
-        for r, i in enumerate(order)
-    ]
-    schema = pa.schema(
-        [
-            ("id", pa.string()),
-            ("domain", pa.string()),
-            ("score", pa.float64()),
-            ("rank", pa.int64()),
-            ("n_tokens", pa.int64()),
-        ]
-    )
-    out_table = pa.Table.from_pylist(rows, schema=schema)
-    atomic_write(ctx.out_dir / SELECTION_FILE, lambda tmp: pq.write_table(out_table, tmp))
+    n_rows = write_selection(ctx.out_dir / SELECTION_FILE, ids, domains, n_tokens, scores, chosen)
 
     tokens = {d: int(sum(n_tokens[i] for i in order)) for d, order in chosen.items()}
     mixture = training_mixture(
@@ -140,30 +176,14 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     )
     atomic_write_json(ctx.out_dir / "mixture.json", {**mixture, "selected_tokens": tokens})
 
-    # Analysis beside the artifact.
-    selected = np.zeros(len(ids), dtype=bool)
-    for order in chosen.values():
-        selected[order] = True
-    stat_columns = {c: table.column(c).to_numpy() for c in ("ds", "variance") if c in table.column_names}
-    stat_columns["score"] = scores
-    stats = analysis.domain_statistics(domains, stat_columns)
-    analysis.write_text(
-        ctx.out_dir / "analysis.md", "# Score statistics per domain\n\n" + analysis.statistics_markdown(stats)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, ctx.cache_dir)
+    stats, plots = write_analysis(
+        ctx.out_dir,
+        table,
+        scores,
+        chosen,
+        lambda wanted: window_decoder(ctx.inputs["prepare"].path, wanted, tokenizer),
     )
-    plots = analysis.write_histograms(ctx.out_dir, domains, stat_columns, selected)
-    best_worst = {}
-    for domain in sorted(set(domains)):
-        ranked = [
-            i for i in sorted(range(len(ids)), key=lambda i: (-scores[i], ids[i])) if domains[i] == domain
-        ]
-        pick = lambda idx: [(ids[i], float(scores[i])) for i in idx]  # noqa: E731
-        best_worst[domain] = (pick(ranked[:EXAMPLES_PER_END]), pick(ranked[-EXAMPLES_PER_END:][::-1]))
-    wanted = {w for best, worst in best_worst.values() for w, _ in best + worst}
-    decode = window_decoder(
-        ctx.inputs["prepare"].path, wanted, load_tokenizer(cfg.model.name_or_path, ctx.cache_dir)
-    )
-    analysis.write_text(ctx.out_dir / "examples.md", analysis.examples_markdown(best_worst, decode))
-
     for domain in sorted(chosen):
         log.info(
             "select: %-8s kept %5d of %5d windows (%s tokens)",
@@ -174,7 +194,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
         )
     return {
         "method": conf.method,
-        "windows": len(rows),
+        "windows": n_rows,
         "tokens": int(sum(tokens.values())),
         "per_domain": {
             d: {"windows": len(o), "tokens": tokens[d], "scored": domains.count(d)} for d, o in chosen.items()
@@ -183,5 +203,5 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
         "fraction": conf.fraction,
         "statistics": stats,
         "plots": plots,
-        "mixture": json.loads(json.dumps(mixture)),
+        "mixture": mixture,
     }
