@@ -7,6 +7,9 @@ untimed run (the sampling thread would otherwise contend for the GIL and slow th
     python benchmarks/bench_longattn.py                       # defaults of the issue: 2048/4096 both,
                                                               # 8192-32768 blocked only, SmolLM2 layer 0
     python benchmarks/bench_longattn.py --compare 8192 --blocked-only 65536 --repeats 3
+    # GPU, statistics only, Llama-3.1-8B / 70B layer-0 shapes (random q/k of those shapes):
+    python benchmarks/bench_longattn.py --shape 8b --device cuda --dtype bfloat16 --compare 32768 \
+        --impls triton,blocked,reference
 """
 
 from __future__ import annotations
@@ -112,6 +115,42 @@ def run_case(impl: str, length: int, model: str, repeats: int, metric_only: bool
     }
 
 
+SHAPES = {"8b": (32, 8, 128), "70b": (64, 8, 128), "smollm2": (9, 3, 64)}  # (heads, kv heads, head dim)
+
+
+def run_shaped_case(impl: str, length: int, shape: str, device: str, dtype: str, repeats: int) -> dict:
+    """Statistics alone on random q/k of a model's layer-0 shape, timed with device synchronisation."""
+    import torch
+
+    from selection.scorers.attention_stats import head_stats
+
+    heads, kv_heads, dim = SHAPES[shape]
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(heads, length, dim, device=device, generator=gen).mul_(2).to(getattr(torch, dtype))
+    k = torch.randn(kv_heads, length, dim, device=device, generator=gen).mul_(2).to(getattr(torch, dtype))
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    head_stats(q, k, None, impl)
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else 0
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        head_stats(q, k, None, impl)
+        sync()
+        best = min(best, time.perf_counter() - start)
+    working = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else float("nan")
+    return {
+        "impl": impl,
+        "length": length,
+        "seconds": best,
+        "tokens_per_s": length / best,
+        "working_mb": working,
+    }
+
+
 def child(args) -> dict:
     cmd = [
         sys.executable,
@@ -151,6 +190,12 @@ def main() -> None:
         action="store_true",
         help="time the statistics alone (q/k precomputed); skips the authors' path",
     )
+    parser.add_argument(
+        "--shape", choices=sorted(SHAPES), help="random q/k of this layer-0 shape (statistics only)"
+    )
+    parser.add_argument("--device", default="cpu", help="with --shape: cpu | cuda")
+    parser.add_argument("--dtype", default="float32", help="with --shape: float32 | bfloat16 | float16")
+    parser.add_argument("--impls", default="reference,blocked", help="with --shape: implementations to time")
     parser.add_argument("--child", nargs=2, metavar=("IMPL", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -162,6 +207,21 @@ def main() -> None:
         return
 
     import torch
+
+    if args.shape:
+        print(
+            f"| L | impl | s/window | tokens/s | working MB (device) |  shape {args.shape} {SHAPES[args.shape]}, "
+            f"{args.dtype} on {args.device} |"
+        )
+        print("|---|---|---|---|---|")
+        for n in args.compare:
+            for impl in args.impls.split(","):
+                r = run_shaped_case(impl, n, args.shape, args.device, args.dtype, args.repeats)
+                print(
+                    f"| {n} | {impl} | {r['seconds']:.4f} | {r['tokens_per_s']:,.0f} | {r['working_mb']:.0f} |",
+                    flush=True,
+                )
+        return
 
     impls = ("reference", "blocked") if args.metric_only else ("reference", "blocked", "authors_path")
     cases = [(impl, n) for n in args.compare for impl in impls]
