@@ -86,7 +86,7 @@ def test_layer_zero_is_unchanged_by_the_multi_layer_path(smollm2_dir):
     assert set(both.stats_seconds) == {0, 1} and all(v > 0 for v in both.stats_seconds.values())
 
 
-def test_only_layers_up_to_i_are_loaded(tmp_path, smollm2_tokenizer):
+def test_only_layers_up_to_i_are_loaded(tmp_path):
     """A 3-layer checkpoint whose layer 2 (and final norm) sit in a shard that is absent still scores layer 1."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
