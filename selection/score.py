@@ -1,6 +1,7 @@
 """Score stage: every prepared window gets its method's statistics (scores contract).
 
-- Sharded by rank: global row i (rows in id order) goes to rank i % WORLD_SIZE; launch with
+- Sharded by rank: each rank takes a contiguous block of the windows (in id order, so it reads only the
+  shards holding its block); launch with
   `torchrun --nproc_per_node=N run.py ...` (or accelerate launch); ranks sync through files.
 - Resumable: results are flushed every `flush_every` windows to atomic part files
   `parts/rank-RRRR-SSSSSS.parquet`; a re-run (any world size) skips every id found in any part file, so a
@@ -128,6 +129,12 @@ def check_vocabulary(cfg: DictConfig, conf: ScoreConfig, ctx: StageContext) -> N
         )
 
 
+def rank_slice(all_ids: list[str], ranks: RankInfo) -> list[str]:
+    """This rank's contiguous block of the windows (in id order), so it reads only the shards holding it."""
+    n = len(all_ids)
+    return all_ids[ranks.rank * n // ranks.world_size : (ranks.rank + 1) * n // ranks.world_size]
+
+
 def score_my_windows(
     conf: ScoreConfig,
     ctx: StageContext,
@@ -138,9 +145,10 @@ def score_my_windows(
     """Score this rank's unfinished windows; returns how many were scored in this call."""
     done = finished_ids(parts_dir)
     shards = window_shards(ctx.inputs["prepare"].path)
+    shard_ids = [pq.read_table(s, columns=["id"]).column("id").to_pylist() for s in shards]
+    all_ids = [i for ids in shard_ids for i in ids]
+    mine = {i for i in rank_slice(all_ids, ranks) if i not in done}
     meta = pa.concat_tables(pq.read_table(s, columns=["id", "n_tokens"]) for s in shards)
-    all_ids = meta.column("id").to_pylist()
-    mine = {i for i in all_ids[ranks.rank :: ranks.world_size] if i not in done}
     total_tokens = sum(n for i, n in zip(all_ids, meta.column("n_tokens").to_pylist()) if i in mine)
     log.info(
         "score: rank %d/%d has %d windows to score (%d already done)",
@@ -170,7 +178,9 @@ def score_my_windows(
         disable=not ranks.is_main,
         mininterval=1.0,
     )
-    for shard in shards:
+    for shard, ids_in_shard in zip(shards, shard_ids):
+        if mine.isdisjoint(ids_in_shard):
+            continue  # none of this rank's windows: do not read its tokens
         table = pq.read_table(shard, columns=[*BASE_COLUMNS, "input_ids"])
         lengths = table.column("n_tokens").to_pylist()
         ids = table.column("id").to_pylist()

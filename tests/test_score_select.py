@@ -232,3 +232,14 @@ def test_scorer_with_another_vocabulary_is_refused(make_cfg, tmp_path, smollm2_d
     cfg = make_cfg(*TINY, "stages=[prepare,score]", f"selection.scorer_model.name_or_path={other}")
     with pytest.raises(ValueError, match="has a different vocabulary"):
         run_pipeline(cfg)
+
+
+def test_rank_blocks_cover_every_window_once():
+    from common.distributed import RankInfo
+    from selection.score import rank_slice
+
+    ids = [f"w{i:03d}" for i in range(23)]
+    for world in (1, 2, 3, 8, 30):
+        blocks = [rank_slice(ids, RankInfo(r, world, r)) for r in range(world)]
+        assert [i for b in blocks for i in b] == ids  # contiguous, in order, no overlap, nothing lost
+        assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
