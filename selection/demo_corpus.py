@@ -14,6 +14,7 @@ import importlib
 import io
 import logging
 import pydoc
+import re
 import sysconfig
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
@@ -42,6 +43,7 @@ DEFAULT_PACKAGES = (
     "tomllib",
     "collections",
 )
+# Not "os": its page prints os.environ (the process environment), which is neither stable nor private.
 DEFAULT_MODULES = (
     "argparse",
     "ast",
@@ -71,7 +73,6 @@ DEFAULT_MODULES = (
     "itertools",
     "json",
     "logging",
-    "os",
     "pathlib",
     "pickle",
     "pprint",
@@ -114,14 +115,20 @@ def read_stdlib_code(spec: SourceSpec, _path: Path | None = None) -> RawRecords:
         yield "\n".join(parts), f"stdlib:{package}"
 
 
+# Reprs of default values carry memory addresses ("<function f at 0x7fa4...>"), which differ per process.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 def _render_module_doc(name: str) -> str | None:
+    """pydoc's plain-text page for a module, with per-process details removed so the text is stable."""
     try:
         with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             module = importlib.import_module(name)
-            return pydoc.render_doc(
+            text = pydoc.render_doc(
                 module, title="Python Library Documentation: %s", renderer=pydoc.plaintext
             )
+        return _ADDRESS.sub(" at 0x...", text)
     except Exception as exc:  # a module missing on this platform just shrinks the demo
         log.info("demo corpus: pydoc for %s unavailable (%s); skipped", name, exc)
         return None

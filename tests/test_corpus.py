@@ -136,3 +136,30 @@ def test_offline_hub_source_fails_with_the_key(monkeypatch):
 def test_unknown_format_suggests(tmp_path):
     with pytest.raises(CorpusError, match="Unknown corpus format 'jsnl'. Did you mean 'jsonl'"):
         SourceSpec(domain="d", path="x", format="jsnl")
+
+
+def test_demo_corpus_text_is_identical_across_processes():
+    """Same Python, different hash seed and environment: the same documents, byte for byte (no memory
+    addresses, no environment variables), so the demo's window ids and selection are reproducible."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import hashlib\n"
+        "from selection.corpus import CorpusStats, SourceSpec, iter_documents\n"
+        "specs = [SourceSpec(domain='code', format='python_code'), SourceSpec(domain='docs', format='python_docs')]\n"
+        "h = hashlib.sha256()\n"
+        "for d in iter_documents(specs, 'error', CorpusStats()):\n"
+        "    h.update(d['text'].encode())\n"
+        "print(h.hexdigest())\n"
+    )
+    digests = set()
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "SOME_SECRET_TOKEN": f"value-{seed}"}
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        digests.add(out.stdout.strip())
+    assert len(digests) == 1
