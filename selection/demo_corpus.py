@@ -10,14 +10,11 @@ The text depends on the Python version, which the prepare stage puts in its fing
 
 from __future__ import annotations
 
-import importlib
-import io
+import json
 import logging
-import pydoc
-import re
+import subprocess
+import sys
 import sysconfig
-import warnings
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 from selection.corpus import READERS, RawRecords, SourceSpec
@@ -115,23 +112,46 @@ def read_stdlib_code(spec: SourceSpec, _path: Path | None = None) -> RawRecords:
         yield "\n".join(parts), f"stdlib:{package}"
 
 
-# Reprs of default values carry memory addresses ("<function f at 0x7fa4...>"), which differ per process.
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-
-
-def _render_module_doc(name: str) -> str | None:
-    """pydoc's plain-text page for a module, with per-process details removed so the text is stable."""
+# pydoc's DATA sections print live module state (loggers, registries, default-value reprs with memory
+# addresses), so a page rendered inside a pipeline depends on what that process imported and configured
+# first. Pages are therefore rendered in a clean child interpreter: no site-packages (-S), a fixed hash
+# seed, a minimal environment, started from "/" so no project file can shadow a stdlib module.
+_RENDER_SCRIPT = r"""
+import io, json, pydoc, re, sys, warnings, importlib
+address = re.compile(r" at 0x[0-9a-fA-F]+")
+pages = {}
+for name in sys.argv[1:]:
     try:
         with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             module = importlib.import_module(name)
-            text = pydoc.render_doc(
-                module, title="Python Library Documentation: %s", renderer=pydoc.plaintext
-            )
-        return _ADDRESS.sub(" at 0x...", text)
-    except Exception as exc:  # a module missing on this platform just shrinks the demo
-        log.info("demo corpus: pydoc for %s unavailable (%s); skipped", name, exc)
-        return None
+            text = pydoc.render_doc(module, title="Python Library Documentation: %s", renderer=pydoc.plaintext)
+        pages[name] = address.sub(" at 0x...", text)
+    except Exception as exc:
+        pages[name] = None
+sys.stdout.write(json.dumps(pages))
+"""
+
+
+def render_module_docs(names: list[str]) -> dict[str, str | None]:
+    """Plain-text pydoc pages of stdlib modules (None where a module is unavailable), process-independent."""
+    env = {"PYTHONHASHSEED": "0", "PYTHONIOENCODING": "utf-8", "LC_ALL": "C.UTF-8"}
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", _RENDER_SCRIPT, *names],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=env,
+        cwd="/",
+        timeout=600,
+    )
+    if proc.returncode:
+        raise RuntimeError(f"rendering the demo documentation failed: {proc.stderr[-1000:]}")
+    pages = json.loads(proc.stdout)
+    for name, text in pages.items():
+        if text is None:
+            log.info("demo corpus: pydoc for %s unavailable on this Python; skipped", name)
+    return pages
 
 
 @READERS.register("python_docs")
@@ -145,7 +165,8 @@ def read_python_docs(spec: SourceSpec, _path: Path | None = None) -> RawRecords:
             "\n\n".join(f"{key}\n{'=' * len(key)}\n{topics[key]}" for key in sorted(topics)),
             "pydoc_data.topics",
         )
-    for name in spec.options.get("modules", DEFAULT_MODULES):
-        text = _render_module_doc(name)
-        if text:
-            yield text, f"pydoc:{name}"
+    names = list(spec.options.get("modules", DEFAULT_MODULES))
+    pages = render_module_docs(names)
+    for name in names:
+        if pages.get(name):
+            yield pages[name], f"pydoc:{name}"

@@ -139,14 +139,19 @@ def test_unknown_format_suggests(tmp_path):
 
 
 def test_demo_corpus_text_is_identical_across_processes():
-    """Same Python, different hash seed and environment: the same documents, byte for byte (no memory
-    addresses, no environment variables), so the demo's window ids and selection are reproducible."""
+    """Different hash seed, environment and process state (one process imports wandb and configures
+    logging first, as the pipeline does): the same documents, byte for byte, so the demo's window ids and
+    selection are reproducible."""
     import os
     import subprocess
     import sys
 
     script = (
-        "import hashlib\n"
+        "import hashlib, sys\n"
+        "if sys.argv[1] == 'polluted':\n"
+        "    import logging, wandb, datasets\n"
+        "    logging.basicConfig(level=logging.DEBUG)\n"
+        "    logging.getLogger('some.library').addHandler(logging.NullHandler())\n"
         "from selection.corpus import CorpusStats, SourceSpec, iter_documents\n"
         "specs = [SourceSpec(domain='code', format='python_code'), SourceSpec(domain='docs', format='python_docs')]\n"
         "h = hashlib.sha256()\n"
@@ -155,11 +160,11 @@ def test_demo_corpus_text_is_identical_across_processes():
         "print(h.hexdigest())\n"
     )
     digests = set()
-    for seed in ("1", "2"):
+    for seed, state in (("1", "clean"), ("2", "polluted")):
         env = {**os.environ, "PYTHONHASHSEED": seed, "SOME_SECRET_TOKEN": f"value-{seed}"}
         out = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+            [sys.executable, "-c", script, state], capture_output=True, text=True, env=env, timeout=300
         )
         assert out.returncode == 0, out.stderr[-2000:]
-        digests.add(out.stdout.strip())
+        digests.add(out.stdout.strip().splitlines()[-1])
     assert len(digests) == 1
