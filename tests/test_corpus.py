@@ -154,10 +154,11 @@ def test_demo_corpus_text_is_identical_across_processes():
         "    logging.getLogger('some.library').addHandler(logging.NullHandler())\n"
         "from selection.corpus import CorpusStats, SourceSpec, iter_documents\n"
         "specs = [SourceSpec(domain='code', format='python_code'), SourceSpec(domain='docs', format='python_docs')]\n"
-        "h = hashlib.sha256()\n"
+        "h, n = hashlib.sha256(), {'code': 0, 'docs': 0}\n"
         "for d in iter_documents(specs, 'error', CorpusStats()):\n"
         "    h.update(d['text'].encode())\n"
-        "print(h.hexdigest())\n"
+        "    n[d['domain']] += 1\n"
+        "print(n['code'], n['docs'], h.hexdigest())\n"
     )
     digests = set()
     for seed, state in (("1", "clean"), ("2", "polluted")):
@@ -166,5 +167,7 @@ def test_demo_corpus_text_is_identical_across_processes():
             [sys.executable, "-c", script, state], capture_output=True, text=True, env=env, timeout=300
         )
         assert out.returncode == 0, out.stderr[-2000:]
-        digests.add(out.stdout.strip().splitlines()[-1])
+        code_docs, docs_docs, digest = out.stdout.strip().splitlines()[-1].split()
+        assert int(code_docs) >= 10 and int(docs_docs) >= 40  # real content, not two empty corpora
+        digests.add(digest)
     assert len(digests) == 1
