@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic import atomic_write, atomic_write_text
+from common.atomic import atomic_write
 
 
 def domain_statistics(
@@ -89,7 +89,3 @@ def roc_auc(positive: Sequence[float], negative: Sequence[float]) -> float:
     greater = (pos[:, None] > neg[None, :]).sum()
     ties = (pos[:, None] == neg[None, :]).sum()
     return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
-
-
-def write_text(path: Path, text: str) -> None:
-    atomic_write_text(path, text)

@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,6 @@ class PrepareConfig:
     shard_rows: int = 2000
     """Windows per Parquet shard; does not change results."""
     tokenizer: str = "???"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.window_size <= 0:

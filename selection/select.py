@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
-from common.atomic import atomic_write, atomic_write_json
+from common.atomic import atomic_write, atomic_write_json, atomic_write_text
 from common.model_sources import load_tokenizer
 from common.registry import Registry
 from common.stage import StageContext
@@ -141,7 +141,7 @@ def write_analysis(
     columns = {c: table.column(c).to_numpy() for c in ("ds", "variance") if c in table.column_names}
     columns["score"] = scores
     stats = analysis.domain_statistics(domains, columns)
-    analysis.write_text(
+    atomic_write_text(
         out_dir / "analysis.md", "# Score statistics per domain\n\n" + analysis.statistics_markdown(stats)
     )
     plots = analysis.write_histograms(out_dir, domains, columns, selected)
@@ -151,7 +151,7 @@ def write_analysis(
         mine = [(ids[i], float(scores[i])) for i in ranked if domains[i] == domain]
         best_worst[domain] = (mine[:EXAMPLES_PER_END], mine[-EXAMPLES_PER_END:][::-1])
     wanted = {w for best, worst in best_worst.values() for w, _ in best + worst}
-    analysis.write_text(out_dir / "examples.md", analysis.examples_markdown(best_worst, decoder(wanted)))
+    atomic_write_text(out_dir / "examples.md", analysis.examples_markdown(best_worst, decoder(wanted)))
     return stats, plots
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from training.chunked_loss import IGNORE_INDEX, chunked_lm_loss
-from training.flops import flops_per_token, mfu
+from training.flops import flops_per_token, mfu, non_embedding_params
 from training.mixture import MixtureSchedule
 from training.packing import document_boundaries, pack_documents
 from training.schedule import cosine_lr, plan_steps
@@ -90,3 +90,22 @@ def test_chunked_loss_equals_plain_loss_and_gradients(chunk):
     for a, b in zip(g_plain, g_chunked):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     assert not math.isnan(float(chunked.detach()))
+
+
+def test_non_embedding_params_excludes_the_tied_embedding():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    # per layer: q 16x16, k 16x8, v 16x8, o 16x16, mlp 3 x 16x32, two norms of 16; plus the final norm
+    per_layer = 256 + 128 + 128 + 256 + 3 * 512 + 2 * 16
+    assert non_embedding_params(model) == 2 * per_layer + 16
+    assert sum(p.numel() for p in model.parameters()) == non_embedding_params(model) + 100 * 16
