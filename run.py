@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from experiments.launch import needs_launch, relaunch
 from experiments.pipeline import run_pipeline
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    train = cfg.training
+    if needs_launch(train.num_gpus, train.num_nodes, list(cfg.stages), os.environ):
+        hydra_cfg = HydraConfig.get()
+        code = relaunch(
+            train.launcher,
+            train.num_gpus,
+            train.num_nodes,
+            os.path.abspath(__file__),
+            hydra_cfg.runtime.output_dir,
+            list(hydra_cfg.overrides.task),
+        )
+        if code:
+            sys.exit(code)
+        return None
     manifests = run_pipeline(cfg)
     metric = cfg.get("optimized_metric")
     if metric:  # for sweepers: "stage.key" in the manifests

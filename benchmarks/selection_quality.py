@@ -188,7 +188,7 @@ def main() -> None:
         windows = [w for d in domains for w in sets[d][0] + sets[d][1]]
         extra = {}
         if method == "longattn":
-            from selection.scorers.first_layer import load_config
+            from common.checkpoint import load_config
 
             scorer_model = (
                 args.model or method_config(method, args.window).selection.scorer_model.name_or_path

@@ -91,10 +91,22 @@ STAGES: dict[str, StageSpec] = {
         ),
         StageSpec(
             "train",
-            ("select",),
+            ("prepare", "select"),
             ("model", "training", "seed"),
-            None,
-            pending="continual pre-training arrives with the training issue",
+            "training.train:run",
+            extras="training.train:fingerprint_extras",
+            distributed=True,
+            # where and how it runs, resumes and checkpoints, not what it learns
+            ignored=(
+                "resume",
+                "save_every",
+                "keep_checkpoints",
+                "num_gpus",
+                "num_nodes",
+                "launcher",
+                "device",
+                "peak_flops",
+            ),
         ),
         StageSpec(
             "evaluate",

@@ -6,6 +6,8 @@ chunk of logits exists at a time, and each chunk is recomputed in the backward p
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -13,17 +15,22 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100
 
 
-def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight).float()
+Head = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _chunk_loss_sum(head: Head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def chunked_lm_loss(
-    hidden_BTD: torch.Tensor, lm_head_weight: torch.Tensor, labels_BT: torch.Tensor, chunk_tokens: int = 4096
+    hidden_BTD: torch.Tensor, head: Head, labels_BT: torch.Tensor, chunk_tokens: int = 4096
 ) -> torch.Tensor:
     """Mean next-token cross-entropy: position t predicts labels[t + 1]; IGNORE_INDEX labels are skipped.
 
-    Equal to `F.cross_entropy(lm_head(hidden)[:, :-1], labels[:, 1:])` (same value and gradients).
+    Equal to `F.cross_entropy(head(hidden)[:, :-1], labels[:, 1:])` (same value and gradients). `head` is
+    the model's output-embedding module, called per chunk (and again in the backward recompute), so
+    under ZeRO-3 its partitioned weight is gathered by DeepSpeed's module hooks as for any layer.
     """
     hidden = hidden_BTD[:, :-1].reshape(-1, hidden_BTD.shape[-1])
     labels = labels_BT[:, 1:].reshape(-1)
@@ -31,7 +38,5 @@ def chunked_lm_loss(
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):
         part = slice(start, start + chunk_tokens)
-        total = total + checkpoint(
-            _chunk_loss_sum, hidden[part], lm_head_weight, labels[part], use_reentrant=False
-        )
+        total = total + checkpoint(_chunk_loss_sum, head, hidden[part], labels[part], use_reentrant=False)
     return total / count.clamp_min(1)

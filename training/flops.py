@@ -22,6 +22,7 @@ def mfu(tokens_per_s_per_device: float, flops_per_tok: float, peak_flops: float)
 
 
 def non_embedding_params(model) -> int:
-    """Parameters excluding the input embedding (and a tied LM head, which shares it)."""
+    """Parameters excluding the input embedding (and a tied LM head, which shares it). Under ZeRO-3 a
+    parameter is a partition; `ds_numel` is its full size."""
     embed = model.get_input_embeddings().weight
-    return sum(p.numel() for p in model.parameters() if p is not embed)
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p is not embed)

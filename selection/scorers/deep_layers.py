@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 
-from common.checkpoint import find_prefix, load_tensors, tensor_locations
+from common.checkpoint import find_prefix, load_config, load_tensors, tensor_locations
 from common.model_sources import ModelSourceError
 from selection.scorers.attention_capture import CAPTURE, capture
-from selection.scorers.first_layer import load_config
 
 LayerCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 

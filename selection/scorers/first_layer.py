@@ -14,25 +14,8 @@ from pathlib import Path
 
 import torch
 
-from common.checkpoint import checkpoint_file, find_prefix, load_tensors, tensor_locations
+from common.checkpoint import find_prefix, load_config, load_tensors, tensor_locations
 from common.model_sources import ModelSourceError
-
-
-def load_config(name_or_path: str, cache_dir: Path | None = None, rope_theta: float | None = None):
-    """The model's config with an optional RoPE base override (the authors scored with theta 2.5e6)."""
-    from transformers import AutoConfig
-
-    path = checkpoint_file(name_or_path, "config.json", cache_dir)
-    if path is None:
-        raise ModelSourceError(f"model {name_or_path}: no config.json")
-    config = AutoConfig.from_pretrained(path.parent)
-    if rope_theta is not None:
-        params = getattr(config, "rope_parameters", None)
-        if isinstance(params, dict):
-            params["rope_theta"] = float(rope_theta)
-        if hasattr(config, "rope_theta") or not isinstance(params, dict):
-            config.rope_theta = float(rope_theta)
-    return config
 
 
 def _rope_functions(config):
