@@ -1,0 +1,215 @@
+"""Training speed and memory: the chunked LM-head loss against the plain one, and engine throughput.
+
+    python benchmarks/bench_train.py loss [--vocab 49152 --tokens 8192 --hidden 576 --chunk 1024]
+    python benchmarks/bench_train.py step [--shape tiny|smollm2|8b --layers N --seq-len T --steps S]
+
+`loss` runs both variants in fresh subprocesses (forward + backward of LM head + cross-entropy on random
+hidden states) and reports seconds and peak memory (CUDA max allocated, or the process's peak RSS
+above its baseline on CPU), and their ratios. `step` trains a randomly initialised Llama of the given
+shape through the project's DeepSpeed engine set-up (ChunkedLossLM, ZeRO config, bf16) on random tokens,
+one sequence per step, and reports tokens/s per device, MFU (GPU) and peak memory. Results go in
+benchmarks/RESULTS.md with the machine and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# hidden, intermediate, heads, kv heads, vocab (Llama-3-8B; SmolLM2-135M)
+SHAPES = {
+    "tiny": (64, 128, 4, 2, 1024, 2),
+    "smollm2": (576, 1536, 9, 3, 49152, 30),
+    "8b": (4096, 14336, 32, 8, 128256, 32),
+}
+
+
+def _rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def loss_child(variant: str, vocab: int, tokens: int, hidden: int, chunk: int, device: str) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from training.chunked_loss import chunked_lm_loss
+
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    h = torch.randn(1, tokens, hidden, device=dev, dtype=dtype, requires_grad=True)
+    head = torch.nn.Linear(hidden, vocab, bias=False, device=dev, dtype=dtype)
+    labels = torch.randint(0, vocab, (1, tokens), device=dev)
+    base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else _rss_gib() * 2**30
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    start = time.perf_counter()
+    if variant == "plain":
+        logits = head(h).float()
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1))
+    else:
+        loss = chunked_lm_loss(h, head, labels, chunk)
+    loss.backward()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - base
+    else:
+        peak = _rss_gib() * 2**30 - base
+    return {"seconds": time.perf_counter() - start, "peak_gib": peak / 2**30, "loss": float(loss)}
+
+
+def run_loss(args) -> None:
+    results = {}
+    for variant in ("plain", "chunked"):
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "loss-child",
+                variant,
+                str(args.vocab),
+                str(args.tokens),
+                str(args.hidden),
+                str(args.chunk),
+                args.device,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    p, c = results["plain"], results["chunked"]
+    print(
+        f"LM head + CE, vocab {args.vocab:,}, {args.tokens:,} tokens, hidden {args.hidden}, chunk {args.chunk}, {args.device}"
+    )
+    print(f"{'variant':<8} {'seconds':>8} {'peak GiB':>9} {'loss':>8}")
+    for name, r in results.items():
+        print(f"{name:<8} {r['seconds']:>8.3f} {r['peak_gib']:>9.3f} {r['loss']:>8.4f}")
+    print(
+        f"chunked / plain: time x{c['seconds'] / p['seconds']:.2f}, peak memory x{c['peak_gib'] / max(p['peak_gib'], 1e-9):.3f}"
+    )
+
+
+def run_step(args) -> None:
+    import deepspeed
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from common.distributed import rank_info
+    from training.config import TrainConfig
+    from training.engine import (
+        build_optimizer,
+        build_scheduler,
+        deepspeed_config,
+        init_distributed,
+        training_device,
+    )
+    from training.flops import flops_per_token, non_embedding_params
+    from training.metrics import peak_flops_for, peak_memory_gib
+    from training.model import ChunkedLossLM
+    from training.schedule import plan_steps
+
+    hidden, inter, heads, kv, vocab, layers = SHAPES[args.shape]
+    layers = args.layers or layers
+    conf = TrainConfig(
+        seq_len=args.seq_len,
+        budget_tokens=args.seq_len * (args.steps + 1),
+        global_batch_tokens=args.seq_len,
+        deepspeed=args.zero,
+        device=args.device,
+        loss_chunk_tokens=args.chunk,
+    )
+    ranks = rank_info()
+    device = training_device(conf.device, ranks)
+    init_distributed(device, ranks)
+    plan = plan_steps(conf.budget_tokens, conf.global_batch_tokens, conf.seq_len)
+    ds_config = deepspeed_config(conf, plan)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=vocab,
+        num_hidden_layers=layers,
+        max_position_embeddings=args.seq_len,
+        use_cache=False,
+        attn_implementation=args.attn,
+    )
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(config).to(torch.bfloat16)
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    flops_tok = flops_per_token(non_embedding_params(lm), layers, hidden, args.seq_len)
+    model = ChunkedLossLM(lm, conf.loss_chunk_tokens)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=build_optimizer(model, conf, ds_config, device),
+        lr_scheduler=lambda opt: build_scheduler(opt, conf, plan.steps),
+        config=ds_config,
+    )
+    ids = torch.randint(0, vocab, (1, args.seq_len), device=device)
+    pos = torch.arange(args.seq_len, device=device)[None]
+    times = []
+    for step in range(args.steps + 1):  # the first step warms up (allocations, kernels)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        loss = engine(input_ids=ids, position_ids=pos)
+        engine.backward(loss)
+        engine.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step:
+            times.append(time.perf_counter() - began)
+    tok_s = args.seq_len / (sum(times) / len(times))
+    peak = peak_flops_for(device, None)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(
+        f"{args.shape}-shaped Llama, {layers} layers, seq {args.seq_len:,}, {args.zero}, bf16, {args.attn}, {name}"
+    )
+    print(f"non-embedding params {non_embedding_params(lm) / 1e9:.3f} B; FLOPs/token {flops_tok:.3e}")
+    print(
+        f"tokens/s/device {tok_s:,.0f}; step {sum(times) / len(times):.3f} s; "
+        f"MFU {'-' if peak is None else f'{100 * tok_s * flops_tok / peak:.1f}%'}; peak mem {peak_memory_gib(device):.2f} GiB"
+    )
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "loss-child":
+        variant, vocab, tokens, hidden, chunk, device = sys.argv[2:8]
+        print(json.dumps(loss_child(variant, int(vocab), int(tokens), int(hidden), int(chunk), device)))
+        return
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="what", required=True)
+    loss = sub.add_parser("loss")
+    loss.add_argument("--vocab", type=int, default=49152)
+    loss.add_argument("--tokens", type=int, default=8192)
+    loss.add_argument("--hidden", type=int, default=576)
+    loss.add_argument("--chunk", type=int, default=1024)
+    loss.add_argument("--device", default="cpu")
+    step = sub.add_parser("step")
+    step.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    step.add_argument("--layers", type=int, default=None, help="fewer layers than the shape's (memory)")
+    step.add_argument("--seq-len", type=int, default=1024)
+    step.add_argument("--steps", type=int, default=3)
+    step.add_argument("--zero", default="zero2")
+    step.add_argument("--chunk", type=int, default=4096)
+    step.add_argument("--attn", default="sdpa")
+    step.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    run_loss(args) if args.what == "loss" else run_step(args)
+
+
+if __name__ == "__main__":
+    main()
