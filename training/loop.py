@@ -185,7 +185,8 @@ def train(job: TrainJob, resolved_config: dict[str, Any]) -> dict[str, Any]:
                 if ranks.is_main:
                     print(metrics.format_line(record, plan.steps), flush=True)
                     metrics.append_record(job.out_dir, record)
-                    job.tracker.log_metrics({f"train/{k}": v for k, v in record.items()}, step=done)
+                    # no explicit wandb step: earlier stages already advanced it; plot against train/step
+                    job.tracker.log_metrics({f"train/{k}": v for k, v in record.items()})
             if done % conf.save_every == 0 or done == last:
                 state = {
                     "tokens_seen": done * plan.tokens_per_step,
