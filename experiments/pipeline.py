@@ -38,7 +38,7 @@ def stage_fingerprints(cfg: DictConfig, upto: list[str]) -> dict[str, str]:
     def visit(name: str) -> str:
         if name not in fps:
             spec = STAGES[name]
-            fps[name] = spec.fingerprint(cfg, {i: visit(i) for i in spec.inputs})
+            fps[name] = spec.fingerprint(cfg, {i: visit(i) for i in spec.input_names(cfg)})
         return fps[name]
 
     for name in upto:
@@ -95,7 +95,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         for name in requested:
             STAGES[name].check_implemented()
             inputs: dict[str, Artifact] = {}
-            for upstream in STAGES[name].inputs:
+            for upstream in STAGES[name].input_names(cfg):
                 art = artifact_for(artifacts_dir, upstream, fps[upstream])
                 if not art.is_complete():
                     raise RuntimeError(

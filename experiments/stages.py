@@ -35,10 +35,15 @@ class StageSpec:
     """Every rank runs it (and rank 0 writes the manifest); otherwise rank 0 runs it and the others wait."""
     ignored: tuple[str, ...] = ()
     """Extra keys of this stage that do not change results."""
+    inputs_for: str | None = None
+    """"module:function" (cfg) -> the inputs actually needed, when they depend on the config."""
 
     def _load(self, ref: str) -> Callable[..., Any]:
         module, func = ref.split(":")
         return getattr(importlib.import_module(module), func)
+
+    def input_names(self, cfg: DictConfig) -> tuple[str, ...]:
+        return tuple(self._load(self.inputs_for)(cfg)) if self.inputs_for else self.inputs
 
     def check_implemented(self) -> None:
         if self.runner is None:
@@ -112,8 +117,10 @@ STAGES: dict[str, StageSpec] = {
             "evaluate",
             ("train",),
             ("evaluation",),
-            None,
-            pending="evaluation suites arrive with the evaluation issue",
+            "evaluation.stage:run",
+            # evaluation.model set: any HF dir / Hub id, no train artifact needed
+            inputs_for="evaluation.stage:stage_inputs",
+            ignored=("batch_size", "device", "backend", "tensor_parallel_size"),
         ),
         StageSpec(
             "report",

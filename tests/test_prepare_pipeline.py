@@ -160,8 +160,8 @@ def test_bad_source_config_names_the_key(make_cfg, tmp_path):
 
 def test_unimplemented_stage_fails_by_name_after_finished_work(make_cfg, book_jsonl):
     cfg = make_cfg(*jsonl_overrides(book_jsonl[0]))
-    cfg.stages = ["prepare", "evaluate"]
-    with pytest.raises(StageNotImplementedError, match="Stage 'evaluate' is not implemented yet"):
+    cfg.stages = ["prepare", "report"]
+    with pytest.raises(StageNotImplementedError, match="Stage 'report' is not implemented yet"):
         run_pipeline(cfg)
     index = json.loads((Path(cfg.paths.output_dir) / "artifacts.json").read_text())
     assert (Path(index["prepare"]) / "manifest.json").is_file()

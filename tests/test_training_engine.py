@@ -131,6 +131,7 @@ def test_two_processes_under_torchrun_train_the_same_steps_as_one(make_cfg, tiny
             sys.executable,
             "run.py",
             *TINY,
+            "stages=[prepare,score,select,train]",
             "training.num_gpus=2",
             "training.device=cpu",
             f"paths.root_dir={root}",

@@ -92,6 +92,7 @@ def _save_final_model(engine, lm, job: TrainJob, resolved_config: dict[str, Any]
         tmp = job.out_dir / f"{MODEL_DIR}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         lm_state = {k.removeprefix("lm."): v for k, v in state.items()}
+        lm.config.use_cache = True  # off only for training; generation without a KV cache is quadratic
         lm.save_pretrained(tmp, state_dict=lm_state, safe_serialization=True)
         load_tokenizer(job.model_name, job.cache_dir).save_pretrained(tmp)
         from omegaconf import OmegaConf

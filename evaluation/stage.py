@@ -1,0 +1,119 @@
+"""The evaluate stage: run the configured suites through lm-eval on one model and write
+`results.json` ({suite: {task: score}} plus paper-column summaries), per-sample JSONL per task,
+suite plots, and the lm-eval version and task configs used.
+
+The model is `evaluation.model` (HF directory, Hub id or embedded name) or, when that is null, the
+train stage's `model/` directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from common.atomic import atomic_write_json, atomic_write_text
+from common.model_sources import load_tokenizer, resolve_model_path
+from common.stage import StageContext
+from evaluation.backend import load_lm
+from evaluation.suites import SUITES, SuiteContext, task_manager
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+
+
+def model_under_test(cfg: DictConfig, ctx: StageContext) -> str:
+    if cfg.evaluation.get("model"):
+        return str(cfg.evaluation.model)
+    if "train" not in ctx.inputs:
+        raise ValueError(
+            "evaluation.model is null and no train artifact was given: set evaluation.model=<dir or id>"
+        )
+    return str(ctx.inputs["train"].path / "model")
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: getattr(o, "__name__", repr(o))))
+
+
+def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
+    from lm_eval import simple_evaluate
+
+    conf = OmegaConf.to_container(cfg.evaluation, resolve=True)
+    suites = list(conf["suites"])
+    for name in suites:
+        SUITES.get(name)  # unknown names fail before the model loads
+    model = model_under_test(cfg, ctx)
+    model_path = resolve_model_path(model, ctx.cache_dir)
+    tokenizer = load_tokenizer(model, ctx.cache_dir)
+    contexts = {
+        name: SuiteContext(
+            conf.get(name) or {}, tokenizer, model_path, ctx.out_dir, int(conf.get("seed", 1234))
+        )
+        for name in suites
+    }
+    tasks = {name: SUITES.get(name).tasks(contexts[name]) for name in suites}  # data checks before loading
+    if "short" in suites and conf.get("short", {}).get("allow_code_eval"):
+        os.environ["HF_ALLOW_CODE_EVAL"] = "1"
+    lm = load_lm(
+        model,
+        ctx.cache_dir,
+        conf.get("backend", "hf"),
+        int(conf["max_length"]),
+        int(conf.get("batch_size", 1)),
+        conf.get("device", "auto"),
+        conf.get("dtype", "auto"),
+        int(conf.get("tensor_parallel_size", 1)),
+    )
+    import lm_eval
+
+    summary: dict[str, Any] = {"model": model, "lm_eval_version": lm_eval.__version__, "suites": {}}
+    scores: dict[str, dict[str, float]] = {}
+    samples_dir = ctx.out_dir / "samples"
+    samples_dir.mkdir(exist_ok=True)
+    configs: dict[str, Any] = {}
+    for name in suites:
+        log.info("evaluate: suite %s (%d task(s)) on %s", name, len(tasks[name]), model)
+        out = simple_evaluate(
+            model=lm,
+            tasks=tasks[name],
+            limit=SUITES.get(name).limit(contexts[name]),
+            num_fewshot=(conf.get(name) or {}).get("num_fewshot"),
+            log_samples=True,
+            task_manager=task_manager(),
+            confirm_run_unsafe_code=bool((conf.get(name) or {}).get("allow_code_eval", False)),
+            random_seed=int(conf.get("seed", 1234)),
+        )
+        results = out["results"]
+        samples = out.get("samples", {})
+        for task, rows in samples.items():
+            atomic_write_text(
+                samples_dir / f"{task}.jsonl", "".join(json.dumps(_jsonable(r)) + "\n" for r in rows)
+            )
+        scores[name] = {
+            f"{task}/{key.split(',')[0]}": float(value)
+            for task, metrics in results.items()
+            for key, value in metrics.items()
+            if isinstance(value, (int, float))
+            and "stderr" not in key
+            and key != "sample_len"
+            and not (key.split(",")[0].isdigit() and value == -1)  # RULER: -1 = no samples at that length
+        }
+        summary["suites"][name] = SUITES.get(name).summarize(contexts[name], results, samples)
+        configs[name] = _jsonable(out.get("configs", {}))
+        ctx.tracker.log_metrics({f"evaluate/{name}/{k}": v for k, v in scores[name].items()})
+    truncated = getattr(lm, "truncated_prompts", 0)
+    atomic_write_json(ctx.out_dir / "task_configs.json", configs)
+    atomic_write_json(
+        ctx.out_dir / RESULTS_FILE, {"scores": scores, **summary, "truncated_prompts": truncated}
+    )
+    return {**summary, "scores": scores, "truncated_prompts": truncated}
+
+
+def stage_inputs(cfg: DictConfig) -> tuple[str, ...]:
+    """Evaluate reads the train artifact only when it evaluates the trained model."""
+    return () if cfg.evaluation.get("model") else ("train",)

@@ -1,0 +1,239 @@
+"""Evaluation: paper columns on hand-made results, middle truncation, NIAH samples, scoring and grid,
+LongBench metrics as lm-eval ships them, offline errors, and the evaluate stage on a tiny model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from evaluation import columns, niah
+from evaluation.truncation import truncate_middle
+
+
+def test_ruler_columns_reproduce_a_published_table11_row():
+    """Table 11, 5B Random: NIAH tasks averaging 78.2, VT 40.6, CWE 31.4, FWE 66.7, QA 55.2 / 43.8."""
+    niah_scores = [100.0, 99.8, 81.8, 94.8, 56.4, 11.8, 84.4, 96.5]  # Table 1, 5B Random
+    scores = dict(zip(columns.RULER_NIAH.values(), niah_scores))
+    scores |= {
+        "ruler_vt": 40.6,
+        "ruler_cwe": 31.4,
+        "ruler_fwe": 66.7,
+        "ruler_qa_squad": 55.2,
+        "ruler_qa_hotpot": 43.8,
+    }
+    cols = columns.ruler_columns(scores)
+    assert cols["table1"]["S3"] == 81.8 and round(cols["table1"]["Avg"], 1) == 78.2
+    t11 = cols["table11"]
+    assert round(t11["Aggr"], 2) == 49.05 and t11["QA"] == pytest.approx(49.5)
+    assert round(t11["Avg"], 1) == 66.4  # the published overall average: a mean over the 13 tasks
+    partial = columns.ruler_columns({"niah_single_1": 100.0})
+    assert partial["table1"]["S1"] == 100.0 and partial["table1"]["Avg"] is None
+
+
+def test_ruler_task_scores_read_lm_eval_length_keys():
+    results = {"niah_single_1": {"4096,none": 0.5, "8192,none": -1}, "ruler_vt": {"4096,none": 1.0}}
+    assert columns.ruler_task_scores(results, 4096) == {"niah_single_1": 50.0, "ruler_vt": 100.0}
+    assert columns.ruler_task_scores(results, 8192) == {}  # -1: no samples at that length
+
+
+def test_longbench_average_is_over_tasks_as_published():
+    """Table 2, 5B Random: the category means give Avg 24.46 only when weighted by task count."""
+    published = {"SDQA": 10.11, "MDQA": 6.57, "Summ": 13.72, "FewShot": 64.10, "Synth": 1.83, "Code": 65.05}
+    scores = {t: published[c] for c, tasks in columns.LONGBENCH_CATEGORIES.items() for t in tasks}
+    cols = columns.longbench_columns(scores)
+    assert len(columns.LONGBENCH_TASKS) == 21
+    assert cols["SDQA"] == pytest.approx(10.11) and round(cols["Avg"], 2) == 24.46
+    assert columns.short_columns({"mmlu": 65.9, "hellaswag": 49.9, "humaneval": 25.0, "openbookqa": 72.0})[
+        "Avg"
+    ] == pytest.approx(53.2)
+
+
+def test_longbench_metrics_on_hand_cases():
+    from lm_eval.tasks.longbench import metrics
+
+    assert metrics.qa_f1_score("The Eiffel Tower", "Eiffel Tower") == pytest.approx(1.0)  # articles dropped
+    assert metrics.qa_f1_score("red apple pie", "apple") == pytest.approx(0.5)  # P 1/3, R 1 -> F1 0.5
+    assert metrics.retrieval_score("It is Paragraph 3.", "Paragraph 3") == 1.0
+    assert metrics.count_score("there are 4 and 5", "4") == 0.5
+    assert metrics.rouge_score("the cat sat", "the cat sat") == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("n", "budget"), [(10, 4), (10, 5), (3, 8), (7, 7)])
+def test_truncate_middle_keeps_head_and_tail(n, budget):
+    ids = list(range(n))
+    out = truncate_middle(ids, budget)
+    assert len(out) == min(n, budget)
+    if n > budget:
+        assert out[: budget // 2] == ids[: budget // 2]
+        assert out[budget // 2 :] == ids[n - (budget - budget // 2) :]
+    else:
+        assert out == ids
+
+
+def test_hflm_truncates_over_long_prompts_in_the_middle(smollm2_tokenizer):
+    import torch
+
+    from evaluation.backend import middle_truncating_hflm
+
+    cls = middle_truncating_hflm()
+    lm = cls.__new__(cls)  # only the tokenizer path is exercised
+    lm.tokenizer = smollm2_tokenizer
+    lm.backend = "causal"
+    lm.add_bos_token = False
+    lm.truncated_prompts = 0
+    head, tail = "INSTRUCTION: answer briefly.", "QUESTION: what is the code?"
+    prompt = head + " filler" * 300 + " " + tail
+    ids, mask = lm.tok_batch_encode([prompt, "short"], left_truncate_len=64)
+    assert ids.shape == (2, 64) and lm.truncated_prompts == 1
+    text = smollm2_tokenizer.decode(ids[0][mask[0].bool()])
+    assert text.startswith(head) and text.endswith(tail)
+    assert int(mask[1].sum()) == len(smollm2_tokenizer("short")["input_ids"]) and mask[1, 0] == 0  # left pad
+    assert torch.equal(ids[1][mask[1].bool()], torch.tensor(smollm2_tokenizer("short")["input_ids"]))
+
+
+def test_niah_samples_fill_the_budget_and_hold_the_needle(smollm2_tokenizer):
+    rng = random.Random(0)
+    sentences = niah.haystack_sentences(None)
+    for length, depth in [(256, 0.0), (512, 50.0), (512, 100.0)]:
+        s = niah.make_sample(smollm2_tokenizer, sentences, length, depth, max_gen_toks=16, rng=rng)
+        assert s["prompt_tokens"] == len(smollm2_tokenizer(s["input"])["input_ids"])
+        assert length - 16 - 30 <= s["prompt_tokens"] <= length - 16  # filled, never over
+        needle = f"is: {s['answer']}."
+        assert s["input"].count(needle) == 1
+        context = s["input"].split("\n")[1]
+        where = context.index(needle) / len(context)
+        assert abs(where - depth / 100) < 0.1
+    with pytest.raises(niah.NiahError, match="cannot hold"):
+        niah.make_sample(smollm2_tokenizer, sentences, 40, 50.0, max_gen_toks=16, rng=rng)
+
+
+def test_niah_haystack_file_errors(tmp_path):
+    with pytest.raises(niah.NiahError, match="no such file"):
+        niah.haystack_sentences(str(tmp_path / "missing.txt"))
+    (tmp_path / "h.txt").write_text("One. Two! Three?")
+    assert niah.haystack_sentences(str(tmp_path / "h.txt")) == ["One.", "Two!", "Three?"]
+
+
+def test_niah_scoring_grid_csv_and_heatmap(tmp_path):
+    assert niah.needle_retrieved({"answer": "1234567"}, [" 1234567."]) == {"retrieval": 1.0}
+    assert niah.needle_retrieved({"answer": "1234567"}, [" 123456"]) == {"retrieval": 0.0}
+    samples = [
+        {"doc": {"length": 512, "depth": 0.0}, "retrieval": 1.0},
+        {"doc": {"length": 512, "depth": 0.0}, "retrieval": 0.0},
+        {"doc": {"length": 1024, "depth": 50.0}, "retrieval": 1.0},
+    ]
+    grid = niah.grid_scores(samples)
+    assert grid == {(512, 0.0): 0.5, (1024, 50.0): 1.0}
+    niah.write_grid_csv(tmp_path / "g.csv", grid)
+    rows = list(csv.DictReader((tmp_path / "g.csv").read_text().splitlines()))
+    assert rows[0] == {"length": "512", "depth": "0.0", "retrieval": "0.5000"}
+    niah.write_heatmap(tmp_path / "h.png", grid, "t")
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_offline_suites_fail_at_once_naming_dataset_and_key(make_cfg, monkeypatch, tmp_path):
+    from evaluation.suites import SUITES, EvaluationDataError, SuiteContext
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty_cache"))
+    ctx = SuiteContext({"tasks": ["hotpotqa"]}, None, "m", tmp_path, 0)
+    with pytest.raises(
+        EvaluationDataError, match=r"Xnhyacinth/LongBench/hotpotqa.*evaluation.longbench.data_dir"
+    ):
+        SUITES.get("longbench").tasks(ctx)
+    with pytest.raises(EvaluationDataError, match=r"ruler_qa_squad.*evaluation.ruler.tasks"):
+        SUITES.get("ruler").tasks(
+            SuiteContext({"tasks": ["ruler_qa_squad"], "lengths": [4096]}, None, "m", tmp_path, 0)
+        )
+    with pytest.raises(EvaluationDataError, match="allow_code_eval=true"):
+        SUITES.get("short").tasks(SuiteContext({"tasks": ["humaneval"]}, None, "m", tmp_path, 0))
+
+
+def test_longbench_local_files_replace_the_hub(tmp_path):
+    from evaluation.suites import SUITES, SuiteContext
+
+    row = {
+        "context": "Paris is in France.",
+        "question": "Where is Paris?",
+        "answers": ["France"],
+        "length": 4,
+    }
+    (tmp_path / "hotpotqa.jsonl").write_text(json.dumps(row) + "\n")
+    [config] = SUITES.get("longbench").tasks(
+        SuiteContext({"tasks": ["hotpotqa"], "data_dir": str(tmp_path)}, None, "m", tmp_path, 0)
+    )
+    assert config["dataset_path"] == "json" and "dataset_name" not in config
+    assert config["dataset_kwargs"]["data_files"]["test"].endswith("hotpotqa.jsonl")
+    assert callable(config["process_results"])  # lm-eval's own metric function, loaded from its YAML
+
+
+@pytest.mark.slow
+def test_evaluate_stage_on_a_tiny_model_writes_results_samples_heatmap_and_ruler_columns(make_cfg, tmp_path):
+    from experiments.pipeline import run_pipeline
+
+    cfg = make_cfg(
+        "debug=tiny",
+        "stages=[evaluate]",
+        "evaluation.model=tiny_llama",
+        "evaluation.suites=[niah,ruler]",
+        "evaluation.niah.lengths=[256,512]",
+        "evaluation.niah.depths=[0,100]",
+        "evaluation.ruler.tasks=[niah_single_1]",
+        "evaluation.ruler.lengths=[1024]",
+        "evaluation.ruler.samples=2",
+    )
+    manifest = run_pipeline(cfg)["evaluate"]
+    out = Path(json.loads((Path(cfg.paths.output_dir) / "artifacts.json").read_text())["evaluate"])
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["suites"]["niah"]["grid"]) == {"256@0", "256@100", "512@0", "512@100"}
+    assert results["lm_eval_version"] == "0.4.13" and manifest["model"] == "tiny_llama"
+    lines = (out / "samples" / "niah_grid.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and "retrieval" in json.loads(lines[0])
+    assert (out / "niah_heatmap.png").is_file() and (out / "task_configs.json").is_file()
+    assert 0.0 <= results["scores"]["niah"]["niah_grid/retrieval"] <= 1.0
+    # RULER: lm-eval's generator, 2 samples of the one length, our paper columns
+    assert len((out / "samples" / "niah_single_1.jsonl").read_text().splitlines()) == 2
+    assert set(results["scores"]["ruler"]) == {"niah_single_1/1024"}
+    assert (
+        results["suites"]["ruler"]["1024"]["table1"]["S1"]
+        == 100 * results["scores"]["ruler"]["niah_single_1/1024"]
+    )
+
+
+@pytest.mark.slow
+def test_ruler_tasks_come_from_lm_eval_with_our_lengths_and_tokenizer(tmp_path):
+    """lm-eval's own RULER YAML, re-pointed: only the requested length columns, our tokenizer."""
+    from evaluation.suites import SUITES, SuiteContext
+
+    ctx = SuiteContext(
+        {"tasks": ["niah_single_1", "ruler_vt"], "lengths": [8192], "samples": 3},
+        None,
+        "/models/x",
+        tmp_path,
+        0,
+    )
+    configs = SUITES.get("ruler").tasks(ctx)
+    assert [c["task"] for c in configs] == ["niah_single_1", "ruler_vt"]
+    for config in configs:
+        assert [m["metric"] for m in config["metric_list"]] == ["8192"]
+        assert config["metadata"]["max_seq_lengths"] == [8192]
+        assert config["metadata"]["tokenizer"] == "/models/x"
+        assert callable(config["custom_dataset"]) and callable(config["process_results"])
+        assert config["custom_dataset"].args[1] == 3  # samples per length, applied to lm-eval's generator
+
+
+def test_ruler_samples_are_taken_per_length():
+    from datasets import Dataset
+
+    from evaluation.suites import first_per_length
+
+    def make(**kwargs):
+        assert kwargs == {"max_seq_lengths": [1, 2]}
+        return {"test": Dataset.from_dict({"max_length": [1, 1, 1, 2, 2, 2], "i": list(range(6))})}
+
+    kept = first_per_length(make, 2, max_seq_lengths=[1, 2])["test"]
+    assert kept["i"] == [0, 1, 3, 4]
