@@ -163,6 +163,60 @@ SUITES.register("niah")(Suite(niah_tasks, niah_summary, limit=lambda ctx: None))
 # ---- RULER ------------------------------------------------------------------------------------------
 
 
+# lm-eval's niah_utils settings for the tasks that use the essay haystack (RULER's own parameters).
+ESSAY_NEEDLES = {
+    "niah_single_2": {"type_needle_k": "words", "type_needle_v": "numbers"},
+    "niah_single_3": {"type_needle_k": "words", "type_needle_v": "uuids"},
+    "niah_multikey_1": {"type_needle_k": "words", "type_needle_v": "numbers", "num_needle_k": 4},
+    "niah_multivalue": {"type_needle_k": "words", "type_needle_v": "numbers", "num_needle_v": 4},
+    "niah_multiquery": {"type_needle_k": "words", "type_needle_v": "numbers", "num_needle_q": 4},
+}
+
+
+def require_punkt() -> None:
+    """RULER's essay haystack is split into sentences by NLTK's punkt_tab (downloaded on first use)."""
+    import nltk
+
+    try:
+        nltk.data.find("tokenizers/punkt_tab")
+    except LookupError as exc:
+        raise EvaluationDataError(
+            "evaluation.ruler.haystack_path: RULER's essay tasks split the haystack into sentences with "
+            "NLTK's punkt_tab, which is not installed and cannot be downloaded offline: run "
+            "`python -m nltk.downloader punkt_tab` where there is network and copy nltk_data here "
+            "(NLTK_DATA), or drop the essay tasks from evaluation.ruler.tasks"
+        ) from exc
+
+
+def essay_dataset_from_file(
+    task: str, haystack_path: str, samples: int | None, **kwargs: Any
+) -> dict[str, Any]:
+    """lm-eval's RULER generator with its template and this task's needle settings, over a local text
+    instead of the downloaded Paul Graham essays (the file needs at least as many words as the longest
+    length has tokens)."""
+    import re
+
+    from lm_eval.tasks.ruler import niah_utils
+    from lm_eval.tasks.ruler.common_utils import DEFAULT_SEQ_LENGTHS, get_tokenizer, resolve_tokenizer_name
+    from lm_eval.tasks.ruler.prepare_niah import generate_samples
+
+    lengths = kwargs.pop("max_seq_lengths", DEFAULT_SEQ_LENGTHS)
+    tokenizer = get_tokenizer(resolve_tokenizer_name(kwargs))
+    words = re.sub(r"\s+", " ", Path(haystack_path).expanduser().read_text(encoding="utf-8")).split(" ")
+    return niah_utils.download_dataset(
+        generate_samples(
+            words,
+            max_seq_length=length,
+            template=niah_utils.TEMPLATE,
+            type_haystack="essay",
+            num_samples=samples or 500,
+            TOKENIZER=tokenizer,
+            **ESSAY_NEEDLES[task],
+        )
+        for length in lengths
+    )
+
+
 def first_per_length(make: Callable[..., dict], samples: int | None, **kwargs: Any) -> dict[str, Any]:
     """RULER's generator, keeping the first `samples` of each length (lm-eval's `limit` would take the
     first rows overall, i.e. all from the first length)."""
@@ -182,11 +236,18 @@ def ruler_tasks(ctx: SuiteContext) -> list[dict[str, Any]]:
     unknown = [t for t in wanted if t not in RULER_FILES]
     if unknown:
         raise ValueError(f"evaluation.ruler.tasks: unknown {unknown}; known: {columns.RULER_TASKS}")
-    needs_web = sorted(set(wanted) & RULER_DOWNLOADING)
+    haystack = ctx.conf.get("haystack_path")
+    if haystack and not Path(haystack).expanduser().is_file():
+        raise EvaluationDataError(f"evaluation.ruler.haystack_path={haystack}: no such file")
+    local_essays = set(ESSAY_NEEDLES) & set(wanted) if haystack else set()
+    if local_essays:
+        require_punkt()
+    needs_web = sorted(set(wanted) & RULER_DOWNLOADING - local_essays)
     if offline() and needs_web:
         raise EvaluationDataError(
             f"evaluation suite 'ruler': tasks {needs_web} download their haystack or QA data (essays, SQuAD, "
-            "HotpotQA), which is impossible offline. Set evaluation.ruler.tasks to the synthetic ones "
+            "HotpotQA), which is impossible offline. Give the essay tasks a local text "
+            "(evaluation.ruler.haystack_path), set evaluation.ruler.tasks to the synthetic ones "
             "([niah_single_1, niah_multikey_2, niah_multikey_3, ruler_vt, ruler_cwe, ruler_fwe]) or run online."
         )
     lengths = [int(n) for n in ctx.conf["lengths"]]
@@ -198,9 +259,10 @@ def ruler_tasks(ctx: SuiteContext) -> list[dict[str, Any]]:
             "max_seq_lengths": lengths,
             "tokenizer": ctx.model_path,
         }
-        config["custom_dataset"] = functools.partial(
-            first_per_length, config["custom_dataset"], ctx.conf.get("samples")
-        )
+        make = config["custom_dataset"]
+        if task in local_essays:
+            make = functools.partial(essay_dataset_from_file, task, haystack, ctx.conf.get("samples"))
+        config["custom_dataset"] = functools.partial(first_per_length, make, ctx.conf.get("samples"))
         config["metric_list"] = [m for m in config["metric_list"] if int(m["metric"]) in lengths] or [
             {
                 "metric": str(n),

@@ -237,3 +237,47 @@ def test_ruler_samples_are_taken_per_length():
 
     kept = first_per_length(make, 2, max_seq_lengths=[1, 2])["test"]
     assert kept["i"] == [0, 1, 3, 4]
+
+
+@pytest.mark.slow
+def test_ruler_essay_tasks_read_a_local_haystack(tmp_path, monkeypatch):
+    """Offline: the essay tasks run lm-eval's own generator over evaluation.ruler.haystack_path."""
+    import re
+
+    from lm_eval.tasks.ruler import prepare_niah
+
+    from common.model_sources import resolve_model_path
+    from evaluation import suites
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # punkt_tab cannot be downloaded here; split sentences on punctuation instead (only in this test)
+    monkeypatch.setattr(suites, "require_punkt", lambda: None)
+    monkeypatch.setattr(prepare_niah, "cached_sent_tokenize", lambda text: re.split(r"(?<=\.) ", text))
+    words = [f"zebra{i % 97} walks slowly." for i in range(3000)]
+    (tmp_path / "essay.txt").write_text(" ".join(words))
+    ctx = suites.SuiteContext(
+        {
+            "tasks": ["niah_single_2"],
+            "lengths": [1024],
+            "samples": 2,
+            "haystack_path": str(tmp_path / "essay.txt"),
+        },
+        None,
+        resolve_model_path("tiny_llama"),
+        tmp_path,
+        0,
+    )
+    [config] = suites.SUITES.get("ruler").tasks(ctx)
+    rows = config["custom_dataset"](**config["metadata"])["test"]
+    assert len(rows) == 2 and set(rows["max_length"]) == {1024}
+    assert all("zebra" in text and "special magic number" in text for text in rows["input"])
+    with pytest.raises(suites.EvaluationDataError, match="no such file"):
+        suites.SUITES.get("ruler").tasks(
+            suites.SuiteContext(
+                {"tasks": ["niah_single_2"], "lengths": [1024], "haystack_path": "/nope"},
+                None,
+                "m",
+                tmp_path,
+                0,
+            )
+        )
