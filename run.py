@@ -7,7 +7,8 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict
 
 from experiments.launch import needs_launch, relaunch
 from experiments.pipeline import run_pipeline
@@ -29,6 +30,10 @@ def main(cfg: DictConfig) -> float | None:
         if code:
             sys.exit(code)
         return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN and cfg.get("logger") and not cfg.logger.get("group"):
+        with open_dict(cfg):  # W&B: the members of one sweep form one group
+            cfg.logger.group = os.path.basename(os.path.normpath(hydra_cfg.sweep.dir))
     manifests = run_pipeline(cfg)
     metric = cfg.get("optimized_metric")
     if metric:  # for sweepers: "stage.key" in the manifests

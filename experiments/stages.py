@@ -126,8 +126,9 @@ STAGES: dict[str, StageSpec] = {
             "report",
             ("evaluate",),
             ("report",),
-            None,
-            pending="paper tables and plots arrive with the reproduction issue",
+            "experiments.report:run",
+            extras="experiments.report:fingerprint_extras",
+            inputs_for="experiments.report:stage_inputs",
         ),
     )
 }

@@ -55,3 +55,21 @@ def test_cache_dir_honours_env(monkeypatch, make_cfg):
 def test_stage_lists_are_validated(stages, message):
     with pytest.raises(ValueError, match=message):
         validate_stages(stages)
+
+
+def test_slurm_launcher_config_composes():
+    """hydra/launcher=slurm resolves to the submitit SLURM launcher with our node shape."""
+    from hydra import compose, initialize
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize(config_path="../conf", version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=["hydra/launcher=slurm", "experiment=longattn_32k"],
+            return_hydra_config=True,
+        )
+    GlobalHydra.instance().clear()
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher.gpus_per_node == 8 and launcher.tasks_per_node == 1 and launcher.nodes == 1
