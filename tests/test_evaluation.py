@@ -281,3 +281,41 @@ def test_ruler_essay_tasks_read_a_local_haystack(tmp_path, monkeypatch):
                 0,
             )
         )
+
+
+@pytest.mark.slow
+def test_longbench_from_local_files_runs_through_lm_eval_with_middle_truncation(make_cfg, tmp_path):
+    """LongBench's own task YAML and metric on a local file in its schema; a prompt longer than the
+    window is cut in the middle, so the instruction and the question both reach the model."""
+    from experiments.pipeline import run_pipeline
+
+    data = tmp_path / "longbench"
+    data.mkdir()
+    rows = [
+        {
+            "context": "Paris is the capital of France. " * 200,
+            "question": "What is the capital?",
+            "answers": ["Paris"],
+        },
+        {"context": "short context", "question": "Say hi", "answers": ["hi"]},
+    ]
+    (data / "hotpotqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = make_cfg(
+        "debug=tiny",
+        "stages=[evaluate]",
+        "evaluation.model=tiny_llama",
+        "evaluation.suites=[longbench]",
+        "evaluation.max_length=512",
+        "evaluation.longbench.tasks=[hotpotqa]",
+        f"evaluation.longbench.data_dir={data}",
+    )
+    manifest = run_pipeline(cfg)["evaluate"]
+    assert manifest["truncated_prompts"] == 1
+    out = Path(json.loads((Path(cfg.paths.output_dir) / "artifacts.json").read_text())["evaluate"])
+    samples = [
+        json.loads(line) for line in (out / "samples" / "longbench_hotpotqa.jsonl").read_text().splitlines()
+    ]
+    assert len(samples) == 2 and all("score" in s and "qa_f1_score" in s for s in samples)
+    summary = manifest["suites"]["longbench"]
+    assert set(summary["tasks"]) == {"hotpotqa"} and 0.0 <= summary["tasks"]["hotpotqa"] <= 100.0
+    assert summary["table2"]["MDQA"] == summary["tasks"]["hotpotqa"] and summary["table2"]["Avg"] is None
