@@ -26,6 +26,8 @@ class Tracker:
 
     def log_summary(self, metrics: Mapping[str, Any]) -> None: ...
 
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None: ...
+
     def finish(self) -> None: ...
 
 
@@ -71,6 +73,12 @@ class WandbTracker(Tracker):
     def log_summary(self, metrics: Mapping[str, Any]) -> None:
         if self.enabled:
             self._safely("summary", self._run.summary.update, dict(metrics))
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        if self.enabled:
+            import wandb
+
+            self._safely("table", self._run.log, {key: wandb.Table(columns=columns, data=rows)})
 
     def finish(self) -> None:
         if self.enabled:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -112,6 +113,16 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
         ctx.out_dir / RESULTS_FILE, {"scores": scores, **summary, "truncated_prompts": truncated}
     )
     return {**summary, "scores": scores, "truncated_prompts": truncated}
+
+
+def fingerprint_extras(cfg: DictConfig) -> list[list[Any]]:
+    """A local `evaluation.model` directory is identified by its files' names, sizes and mtimes too, so
+    re-training into the same directory re-evaluates (a Hub id or embedded name is its own identity)."""
+    model = cfg.evaluation.get("model")
+    if not model or not Path(str(model)).expanduser().is_dir():
+        return []
+    files = sorted(p for p in Path(str(model)).expanduser().iterdir() if p.is_file())
+    return [[p.name, p.stat().st_size, p.stat().st_mtime] for p in files]
 
 
 def stage_inputs(cfg: DictConfig) -> tuple[str, ...]:

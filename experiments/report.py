@@ -169,13 +169,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
         atomic_write_text(out / f"{name}.csv", csv_text(rows))
         sections.append(f"## {caption}\n\n{markdown(rows)}")
         written[name] = len(rows) - 1
-        ctx.tracker.log_summary(
-            {
-                f"report/{name}/{row[1]}/{row[2]}/{col}": row[3 + j]
-                for row in rows[1:]
-                for j, col in enumerate(rows[0][3:])
-            }
-        )
+        ctx.tracker.log_table(f"report/{name}", rows[0], rows[1:])  # the W&B summary table
     plot_ruler_vs_tokens(out / "ruler_vs_tokens.png", runs, published)
     sections.append("## RULER-NIAH average vs training tokens\n\n![](ruler_vs_tokens.png)\n")
     if plot_score_distributions(out / "score_distributions.png", collected):

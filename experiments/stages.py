@@ -118,6 +118,7 @@ STAGES: dict[str, StageSpec] = {
             ("train",),
             ("evaluation",),
             "evaluation.stage:run",
+            extras="evaluation.stage:fingerprint_extras",
             # evaluation.model set: any HF dir / Hub id, no train artifact needed
             inputs_for="evaluation.stage:stage_inputs",
             ignored=("batch_size", "device", "backend", "tensor_parallel_size"),

@@ -319,3 +319,19 @@ def test_longbench_from_local_files_runs_through_lm_eval_with_middle_truncation(
     summary = manifest["suites"]["longbench"]
     assert set(summary["tasks"]) == {"hotpotqa"} and 0.0 <= summary["tasks"]["hotpotqa"] <= 100.0
     assert summary["table2"]["MDQA"] == summary["tasks"]["hotpotqa"] and summary["table2"]["Avg"] is None
+
+
+def test_a_local_model_directory_changing_in_place_changes_the_evaluate_fingerprint(make_cfg, tmp_path):
+    import os
+
+    from experiments.pipeline import stage_fingerprints
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    cfg = make_cfg("stages=[evaluate]", f"evaluation.model={model}")
+    before = stage_fingerprints(cfg, ["evaluate"])["evaluate"]
+    assert stage_fingerprints(cfg, ["evaluate"])["evaluate"] == before
+    (model / "model.safetensors").write_bytes(b"new weights")
+    os.utime(model / "config.json", (1, 1))
+    assert stage_fingerprints(cfg, ["evaluate"])["evaluate"] != before

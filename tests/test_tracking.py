@@ -55,5 +55,7 @@ def test_offline_wandb_writes_a_local_run(tmp_path, monkeypatch):
     tracker = make_tracker({"name": "wandb", "project": "t"}, run_dir=str(tmp_path), config={"a": 1})
     assert tracker.enabled
     tracker.log_metrics({"prepare/windows": 3})
+    tracker.log_table("report/table1", ["method", "S1"], [["LongAttn-8", "100.0"]])
+    assert tracker.enabled  # the table was accepted
     tracker.finish()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
