@@ -291,10 +291,12 @@ SUITES.register("ruler")(Suite(ruler_tasks, ruler_summary, limit=lambda ctx: Non
 # ---- LongBench --------------------------------------------------------------------------------------
 
 
-def _local_file(data_dir: Path, task: str) -> Path | None:
-    for suffix in (".parquet", ".jsonl", ".json"):
-        if (data_dir / f"{task}{suffix}").is_file():
-            return data_dir / f"{task}{suffix}"
+def _local_file(
+    data_dir: Path, stem: str, suffixes: tuple[str, ...] = (".parquet", ".jsonl", ".json")
+) -> Path | None:
+    for suffix in suffixes:
+        if (data_dir / f"{stem}{suffix}").is_file():
+            return data_dir / f"{stem}{suffix}"
     return None
 
 
@@ -350,10 +352,60 @@ SHORT_DATASETS = {
     "openbookqa": ("allenai/openbookqa", "main"),
     "humaneval": ("openai/openai_humaneval", None),
 }
+SHORT_YAMLS = {
+    "hellaswag": "hellaswag/hellaswag.yaml",
+    "openbookqa": "openbookqa/openbookqa.yaml",
+    "humaneval": "humaneval/humaneval.yaml",
+}
 SHORT_METRICS = {"mmlu": "acc", "hellaswag": "acc_norm", "openbookqa": "acc_norm", "humaneval": "pass@1"}
+SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
 
 
-def short_tasks(ctx: SuiteContext) -> list[str]:
+def repoint_splits(config: dict[str, Any], directory: Path, key: str) -> dict[str, Any]:
+    """Point an lm-eval task at local files `<directory>/<split>.jsonl|.parquet` (the Hub schema).
+
+    Splits without a file are dropped (few-shot / training splits are optional); the split the task
+    evaluates on must exist."""
+    evaluated = config.get("test_split") or config.get("validation_split")
+    files: dict[str, str] = {}
+    for split_key in SPLIT_KEYS:
+        split = config.get(split_key)
+        if not split:
+            continue
+        local = _local_file(directory, split, (".jsonl", ".parquet"))
+        if local is not None:
+            files[split] = str(local)
+        elif split == evaluated:
+            raise EvaluationDataError(
+                f"{key}: no {directory / split}.jsonl (or .parquet) for task {config['task']}"
+            )
+        else:
+            config[split_key] = None
+    suffixes = {Path(f).suffix for f in files.values()}
+    config["dataset_path"] = "parquet" if suffixes == {".parquet"} else "json"
+    config["dataset_kwargs"] = {"data_files": files}
+    config.pop("dataset_name", None)
+    return config
+
+
+def mmlu_local_tasks(directory: Path) -> list[dict[str, Any]]:
+    """One lm-eval MMLU subject task per `<directory>/mmlu/<subject>/` present (test.jsonl, dev.jsonl)."""
+    configs = []
+    for subject_dir in sorted(p for p in (directory / "mmlu").glob("*") if p.is_dir()):
+        yaml = LM_EVAL_TASKS / "mmlu" / "default" / f"mmlu_{subject_dir.name}.yaml"
+        if not yaml.is_file():
+            raise EvaluationDataError(f"evaluation.short.data_dir: {subject_dir.name} is not an MMLU subject")
+        configs.append(
+            repoint_splits(
+                builtin_task(f"mmlu/default/{yaml.name}"), subject_dir, "evaluation.short.data_dir"
+            )
+        )
+    if not configs:
+        raise EvaluationDataError(f"evaluation.short.data_dir={directory}: no mmlu/<subject>/ directory")
+    return configs
+
+
+def short_tasks(ctx: SuiteContext) -> list[str | dict[str, Any]]:
     wanted = list(ctx.conf.get("tasks") or SHORT_DATASETS)
     unknown = [t for t in wanted if t not in SHORT_DATASETS]
     if unknown:
@@ -364,10 +416,34 @@ def short_tasks(ctx: SuiteContext) -> list[str]:
             "evaluation.short.allow_code_eval=true to allow it (sets HF_ALLOW_CODE_EVAL=1 and confirms "
             "lm-eval's unsafe-code run), or drop humaneval"
         )
+    data_dir = ctx.conf.get("data_dir")
+    if not data_dir:
+        for task in wanted:
+            path, name = SHORT_DATASETS[task]
+            require_hub_dataset(path, name, "short", "evaluation.short.data_dir")
+        return wanted  # lm-eval's registered tasks (the mmlu group aggregates its 57 subjects)
+    directory = Path(data_dir).expanduser()
+    tasks: list[str | dict[str, Any]] = []
     for task in wanted:
-        path, name = SHORT_DATASETS[task]
-        require_hub_dataset(path, name, "short", "HF_DATASETS_CACHE (a cache filled online)")
-    return wanted
+        if task == "mmlu":
+            tasks += mmlu_local_tasks(directory)
+        else:
+            tasks.append(
+                repoint_splits(builtin_task(SHORT_YAMLS[task]), directory / task, "evaluation.short.data_dir")
+            )
+    return tasks
+
+
+def mmlu_from_subjects(results: Mapping[str, Any], samples: Mapping[str, list]) -> float | None:
+    """MMLU accuracy over local subject tasks, weighted by their sizes (as lm-eval's mmlu group)."""
+    parts = [
+        (_score(results, task, "acc"), len(samples.get(task, [])))
+        for task in results
+        if task.startswith("mmlu_")
+    ]
+    parts = [(acc, n) for acc, n in parts if acc is not None and n]
+    total = sum(n for _, n in parts)
+    return sum(acc * n for acc, n in parts) / total if total else None
 
 
 def short_summary(
@@ -376,12 +452,14 @@ def short_summary(
     scores = {}
     for task, metric in SHORT_METRICS.items():
         value = _score(results, task, metric)
+        if value is None and task == "mmlu":
+            value = mmlu_from_subjects(results, samples)
         if value is not None:
             scores[task] = 100.0 * value
     return {"tasks": scores, "table3": columns.short_columns(scores)}
 
 
-SUITES.register("short")(Suite(short_tasks, short_summary))  # type: ignore[arg-type]
+SUITES.register("short")(Suite(short_tasks, short_summary))
 
 
 @functools.cache
