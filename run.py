@@ -17,8 +17,8 @@ from experiments.pipeline import run_pipeline
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     train = cfg.training
+    hydra_cfg = HydraConfig.get()
     if needs_launch(train.num_gpus, train.num_nodes, list(cfg.stages), os.environ):
-        hydra_cfg = HydraConfig.get()
         code = relaunch(
             train.launcher,
             train.num_gpus,
@@ -30,7 +30,6 @@ def main(cfg: DictConfig) -> float | None:
         if code:
             sys.exit(code)
         return None
-    hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN and cfg.get("logger") and not cfg.logger.get("group"):
         with open_dict(cfg):  # W&B: the members of one sweep form one group
             cfg.logger.group = os.path.basename(os.path.normpath(hydra_cfg.sweep.dir))

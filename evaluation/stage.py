@@ -83,10 +83,10 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
             model=lm,
             tasks=tasks[name],
             limit=SUITES.get(name).limit(contexts[name]),
-            num_fewshot=(conf.get(name) or {}).get("num_fewshot"),
+            num_fewshot=contexts[name].conf.get("num_fewshot"),
             log_samples=True,
             task_manager=task_manager(),
-            confirm_run_unsafe_code=bool((conf.get(name) or {}).get("allow_code_eval", False)),
+            confirm_run_unsafe_code=bool(contexts[name].conf.get("allow_code_eval", False)),
             random_seed=int(conf.get("seed", 1234)),
         )
         results = out["results"]

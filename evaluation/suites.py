@@ -7,6 +7,8 @@ re-pointed (lengths, local data); NIAH is our own task (evaluation/niah.py) run 
 from __future__ import annotations
 
 import functools
+import importlib.util
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from common.atomic import atomic_write_text
 from common.registry import Registry
 from evaluation import columns, niah
 
-LM_EVAL_TASKS = Path(__import__("importlib").util.find_spec("lm_eval").origin).parent / "tasks"
+LM_EVAL_TASKS = Path(importlib.util.find_spec("lm_eval").origin).parent / "tasks"
 
 # RULER tasks whose data comes from the web or the Hub: the Paul Graham essay haystack, SQuAD, HotpotQA.
 # The others (single_1, multikey_2/3, VT, CWE, FWE) are synthetic.
@@ -77,6 +79,14 @@ def builtin_task(relative: str) -> dict[str, Any]:
     return config
 
 
+def point_at_files(config: dict[str, Any], files: Mapping[str, Path]) -> dict[str, Any]:
+    """Make an lm-eval task read local files ({split: file}, all .jsonl/.json or all .parquet)."""
+    config["dataset_path"] = "parquet" if {Path(f).suffix for f in files.values()} == {".parquet"} else "json"
+    config["dataset_kwargs"] = {"data_files": {split: str(f) for split, f in files.items()}}
+    config.pop("dataset_name", None)
+    return config
+
+
 @dataclass
 class SuiteContext:
     conf: Mapping[str, Any]
@@ -95,6 +105,14 @@ class Suite:
 
 
 SUITES: Registry[Suite] = Registry("evaluation suite")
+
+
+def wanted_tasks(ctx: SuiteContext, suite: str, known: list[str]) -> list[str]:
+    """`evaluation.<suite>.tasks`, or all of them when null; unknown names fail listing the known ones."""
+    wanted = list(ctx.conf.get("tasks") or known)
+    if unknown := [t for t in wanted if t not in known]:
+        raise ValueError(f"evaluation.{suite}.tasks: unknown {unknown}; known: {known}")
+    return wanted
 
 
 def _score(results: Mapping[str, Any], task: str, metric: str) -> float | None:
@@ -119,8 +137,6 @@ def niah_tasks(ctx: SuiteContext) -> list[dict[str, Any]]:
         ctx.seed,
     )
     path = ctx.out_dir / "niah_samples.jsonl"
-    import json
-
     atomic_write_text(path, "".join(json.dumps(s) + "\n" for s in samples))
     return [
         {
@@ -232,10 +248,7 @@ def first_per_length(make: Callable[..., dict], samples: int | None, **kwargs: A
 
 
 def ruler_tasks(ctx: SuiteContext) -> list[dict[str, Any]]:
-    wanted = list(ctx.conf.get("tasks") or columns.RULER_TASKS)
-    unknown = [t for t in wanted if t not in RULER_FILES]
-    if unknown:
-        raise ValueError(f"evaluation.ruler.tasks: unknown {unknown}; known: {columns.RULER_TASKS}")
+    wanted = wanted_tasks(ctx, "ruler", columns.RULER_TASKS)
     haystack = ctx.conf.get("haystack_path")
     if haystack and not Path(haystack).expanduser().is_file():
         raise EvaluationDataError(f"evaluation.ruler.haystack_path={haystack}: no such file")
@@ -301,10 +314,7 @@ def _local_file(
 
 
 def longbench_tasks(ctx: SuiteContext) -> list[dict[str, Any]]:
-    wanted = list(ctx.conf.get("tasks") or columns.LONGBENCH_TASKS)
-    unknown = [t for t in wanted if t not in columns.LONGBENCH_TASKS]
-    if unknown:
-        raise ValueError(f"evaluation.longbench.tasks: unknown {unknown}; known: {columns.LONGBENCH_TASKS}")
+    wanted = wanted_tasks(ctx, "longbench", columns.LONGBENCH_TASKS)
     data_dir = ctx.conf.get("data_dir")
     configs = []
     for task in wanted:
@@ -316,9 +326,7 @@ def longbench_tasks(ctx: SuiteContext) -> list[dict[str, Any]]:
                     f"evaluation.longbench.data_dir={data_dir}: no {task}.parquet / .jsonl / .json (the "
                     "Xnhyacinth/LongBench schema: context, question, answers, ...)"
                 )
-            config["dataset_path"] = "parquet" if local.suffix == ".parquet" else "json"
-            config["dataset_kwargs"] = {"data_files": {"test": str(local)}}
-            config.pop("dataset_name", None)
+            point_at_files(config, {"test": local})
         else:
             require_hub_dataset(
                 config["dataset_path"],
@@ -367,25 +375,21 @@ def repoint_splits(config: dict[str, Any], directory: Path, key: str) -> dict[st
     Splits without a file are dropped (few-shot / training splits are optional); the split the task
     evaluates on must exist."""
     evaluated = config.get("test_split") or config.get("validation_split")
-    files: dict[str, str] = {}
+    files: dict[str, Path] = {}
     for split_key in SPLIT_KEYS:
         split = config.get(split_key)
         if not split:
             continue
         local = _local_file(directory, split, (".jsonl", ".parquet"))
         if local is not None:
-            files[split] = str(local)
+            files[split] = local
         elif split == evaluated:
             raise EvaluationDataError(
                 f"{key}: no {directory / split}.jsonl (or .parquet) for task {config['task']}"
             )
         else:
             config[split_key] = None
-    suffixes = {Path(f).suffix for f in files.values()}
-    config["dataset_path"] = "parquet" if suffixes == {".parquet"} else "json"
-    config["dataset_kwargs"] = {"data_files": files}
-    config.pop("dataset_name", None)
-    return config
+    return point_at_files(config, files)
 
 
 def mmlu_local_tasks(directory: Path) -> list[dict[str, Any]]:
@@ -406,10 +410,7 @@ def mmlu_local_tasks(directory: Path) -> list[dict[str, Any]]:
 
 
 def short_tasks(ctx: SuiteContext) -> list[str | dict[str, Any]]:
-    wanted = list(ctx.conf.get("tasks") or SHORT_DATASETS)
-    unknown = [t for t in wanted if t not in SHORT_DATASETS]
-    if unknown:
-        raise ValueError(f"evaluation.short.tasks: unknown {unknown}; known: {sorted(SHORT_DATASETS)}")
+    wanted = wanted_tasks(ctx, "short", sorted(SHORT_DATASETS))
     if "humaneval" in wanted and not ctx.conf.get("allow_code_eval", False):
         raise EvaluationDataError(
             "evaluation.short.tasks includes humaneval, which executes model-written code: set "

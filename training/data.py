@@ -74,16 +74,10 @@ def _write_pool(path: Path, rows: Iterable[dict[str, list[int]]], batch: int = 6
     """Write sequences to an Arrow file atomically; returns the row count."""
     tmp = path.with_name(path.name + ".tmp")
     count = 0
-    with ArrowWriter(features=SEQUENCE_FEATURES, path=str(tmp)) as writer:
-        buffer: list[dict[str, list[int]]] = []
+    with ArrowWriter(features=SEQUENCE_FEATURES, path=str(tmp), writer_batch_size=batch) as writer:
         for row in rows:
-            buffer.append(row)
-            if len(buffer) == batch:
-                writer.write_batch({k: [r[k] for r in buffer] for k in SEQUENCE_FEATURES})
-                count, buffer = count + len(buffer), []
-        if buffer:
-            writer.write_batch({k: [r[k] for r in buffer] for k in SEQUENCE_FEATURES})
-            count += len(buffer)
+            writer.write(row)
+            count += 1
         writer.finalize()
     os.replace(tmp, path)
     return count
@@ -180,15 +174,19 @@ class MixtureSequences(torch.utils.data.Dataset):
     def _permutation(self, source: int, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, source, epoch]).permutation(len(self.pools[source]))
 
-    def locate(self, k: int) -> tuple[str, int]:
-        """(source name, pool row) of sequence k."""
+    def _position(self, k: int) -> tuple[int, int]:
         source = int(self.source[k])
         epoch, offset = divmod(int(self.ordinal[k]), len(self.pools[source]))
-        return self.names[source], int(self._permutation(source, epoch)[offset])
+        return source, int(self._permutation(source, epoch)[offset])
+
+    def locate(self, k: int) -> tuple[str, int]:
+        """(source name, pool row) of sequence k."""
+        source, row = self._position(k)
+        return self.names[source], row
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
-        name, row = self.locate(k)
-        item = self.pools[self.names.index(name)][row]
+        source, row = self._position(k)
+        item = self.pools[source][row]
         return {
             "input_ids": torch.as_tensor(item["input_ids"], dtype=torch.long),
             "position_ids": torch.as_tensor(item["position_ids"], dtype=torch.long),

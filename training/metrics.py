@@ -52,11 +52,10 @@ def append_record(run_dir: Path, record: dict[str, Any]) -> None:
 
 def truncate_records(run_dir: Path, last_step: int) -> list[dict[str, Any]]:
     """Keep the records up to `last_step` (a resumed run re-logs the steps after its checkpoint)."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
+    if not (Path(run_dir) / METRICS_FILE).is_file():
         return []
-    kept = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= last_step]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    kept = [r for r in read_records(run_dir) if r["step"] <= last_step]
+    atomic_write_text(Path(run_dir) / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept))
     return kept
 
 

@@ -67,18 +67,17 @@ def fingerprint_extras(cfg: DictConfig) -> dict[str, Any]:
 
 def build_pools(
     cfg: DictConfig, ctx: StageContext, conf: TrainConfig, mixture: MixturePlan, data_dir: Path
-) -> dict[str, Any]:
-    """One Arrow pool per mixture source, built once (a resumed run reuses them)."""
+) -> None:
+    """One Arrow pool per mixture source, built once (a resumed run reuses the files already there)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    sizes: dict[str, int] = {}
     tokenizer = None
     for name in mixture.schedule.names:
         path = data_dir / f"{name}.arrow"
         if path.is_file():
-            sizes[name] = len(Dataset.from_file(str(path)))
-        elif name in mixture.long:
+            continue
+        if name in mixture.long:
             log.info("train: pooling the selected %s windows", name)
-            sizes[name] = build_long_pool(
+            build_long_pool(
                 ctx.inputs["prepare"].path,
                 ctx.inputs["select"].path / "selection.parquet",
                 name,
@@ -88,7 +87,7 @@ def build_pools(
         else:
             tokenizer = tokenizer or load_tokenizer(cfg.model.name_or_path, ctx.cache_dir)
             log.info("train: packing %d sequences of short source %s", mixture.demand[name], name)
-            sizes[name] = build_short_pool(
+            build_short_pool(
                 name,
                 short_specs(conf, name, mixture.short[name]),
                 tokenizer,
@@ -97,18 +96,20 @@ def build_pools(
                 conf.on_bad_record,
                 path,
             )
-    summary = {
+
+
+def pools_summary(mixture: MixturePlan, pools: dict[str, Dataset]) -> dict[str, Any]:
+    """Per source: share, pool size, sequences drawn and passes over the pool."""
+    return {
         name: {
             "share": mixture.shares[name],
             "kind": "long" if name in mixture.long else "short",
-            "pool_sequences": sizes[name],
+            "pool_sequences": len(pools[name]),
             "drawn_sequences": mixture.demand[name],
-            "passes": round(mixture.demand[name] / sizes[name], 3),
+            "passes": round(mixture.demand[name] / len(pools[name]), 3),
         }
         for name in mixture.schedule.names
     }
-    atomic_write_json(data_dir / POOLS_FILE, summary)
-    return summary
 
 
 def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any] | None:
@@ -122,11 +123,13 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any] | None:
     data_dir = ctx.out_dir / DATA_DIR
     if ranks.is_main:
         (data_dir / POOLS_FILE).unlink(missing_ok=True)
-        pools_summary = build_pools(cfg, ctx, conf, mixture, data_dir)
-    else:
+        build_pools(cfg, ctx, conf, mixture, data_dir)
+    else:  # pools.json is rank 0's "all pools written" marker
         wait_until((data_dir / POOLS_FILE).is_file, f"rank 0 to build the training pools in {data_dir}")
-        pools_summary = json.loads((data_dir / POOLS_FILE).read_text())
     pools = {name: Dataset.from_file(str(data_dir / f"{name}.arrow")) for name in mixture.schedule.names}
+    summary = pools_summary(mixture, pools)
+    if ranks.is_main:
+        atomic_write_json(data_dir / POOLS_FILE, summary)
     job = TrainJob(
         conf=conf,
         model_name=cfg.model.name_or_path,
@@ -141,4 +144,4 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any] | None:
     manifest = train(job, resolved)
     if manifest is None:
         return None
-    return {**manifest, "mixture": pools_summary}
+    return {**manifest, "mixture": summary}
