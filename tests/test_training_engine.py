@@ -23,7 +23,7 @@ from training.metrics import read_records
 from training.schedule import cosine_lr
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["debug=tiny", "training.save_every=2", "training.lr=1e-3"]
+TINY = ["debug=tiny", "training.save_every=2", "training.keep_checkpoints=2", "training.lr=1e-3"]
 
 pytestmark = pytest.mark.slow
 
@@ -169,6 +169,7 @@ def test_smollm2_demo_training_lowers_the_loss_on_repeated_data(make_cfg, tmp_pa
             "training.global_batch_tokens=1024",
             "training.lr=1e-4",
             "training.warmup_steps=0",
+            "training.save_every=4",  # one 1.9 GB checkpoint (fp32 Adam states), not two
         )
     )
     assert manifests["select"]["windows"] == 2
