@@ -59,3 +59,69 @@ def test_offline_wandb_writes_a_local_run(tmp_path, monkeypatch):
     assert tracker.enabled  # the table was accepted
     tracker.finish()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+FAKE_WANDB = '''
+"""Stand-in for wandb: appends each init's keyword arguments to $FAKE_WANDB_LOG as a JSON line."""
+import json, os, types
+
+
+class Settings(dict):
+    def __init__(self, **kw):
+        super().__init__(kw)
+
+
+class Table:
+    def __init__(self, columns=None, data=None):
+        self.columns, self.data = columns, data
+
+
+def init(**kw):
+    with open(os.environ["FAKE_WANDB_LOG"], "a") as f:
+        f.write(json.dumps({k: v for k, v in kw.items() if k in ("group", "project", "mode")}) + "\\n")
+    return types.SimpleNamespace(
+        config=types.SimpleNamespace(update=lambda *a, **k: None),
+        log=lambda *a, **k: None,
+        finish=lambda: None,
+        summary={},
+        dir=kw.get("dir"),
+    )
+'''
+
+
+def test_members_of_a_multirun_log_to_one_wandb_group_named_after_the_sweep(tmp_path):
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    (tmp_path / "fake" / "wandb").mkdir(parents=True)
+    (tmp_path / "fake" / "wandb" / "__init__.py").write_text(FAKE_WANDB)
+    log = tmp_path / "inits.jsonl"
+    env = {k: v for k, v in os.environ.items() if k not in ("LONGATTN_RUN_DIR", "WANDB_MODE")}
+    env.update(PYTHONPATH=str(tmp_path / "fake"), FAKE_WANDB_LOG=str(log), OMP_NUM_THREADS="1")
+    sweep = tmp_path / "sweep-ablation"
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            "-m",
+            "debug=tiny",
+            "stages=[prepare]",
+            "logger=wandb",
+            "logger.mode=offline",
+            "data.max_windows_per_domain=2,3",
+            f"paths.root_dir={tmp_path}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    inits = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [i["group"] for i in inits] == ["sweep-ablation", "sweep-ablation"]
+    assert {i["mode"] for i in inits} == {"offline"}
