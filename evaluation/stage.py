@@ -53,7 +53,12 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     tokenizer = load_tokenizer(model, ctx.cache_dir)
     contexts = {
         name: SuiteContext(
-            conf.get(name) or {}, tokenizer, model_path, ctx.out_dir, int(conf.get("seed", 1234))
+            conf.get(name) or {},
+            tokenizer,
+            model_path,
+            ctx.out_dir,
+            int(conf.get("seed", 1234)),
+            Path(ctx.cache_dir),
         )
         for name in suites
     }

