@@ -1,6 +1,7 @@
 """The evaluate stage: run the configured suites through lm-eval on one model and write
-`results.json` ({suite: {task: score}} plus paper-column summaries), per-sample JSONL per task,
-suite plots, and the lm-eval version and task configs used.
+`results.json` ({suite: {task: score}} plus paper-column summaries), suite plots, the task configs
+used, and lm-eval's own files (EvaluationTracker: aggregated results with the lm-eval version, config
+and task hashes, and every sample per task) under `lm_eval/<suite>/`.
 
 The model is `evaluation.model` (HF directory, Hub id or embedded name) or, when that is null, the
 train stage's `model/` directory.
@@ -16,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from common.atomic import atomic_write_json, atomic_write_text
+from common.atomic import atomic_write_json
 from common.model_sources import load_tokenizer, resolve_model_path
 from common.stage import StageContext
 from evaluation.backend import load_lm
@@ -25,6 +26,27 @@ from evaluation.suites import SUITES, SuiteContext, task_manager
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
+LM_EVAL_DIR = "lm_eval"
+
+
+def sample_rows(out_dir: Path, task: str) -> list[dict[str, Any]]:
+    """The per-sample records lm-eval's EvaluationTracker wrote for `task` in an evaluate artifact."""
+    paths = sorted((Path(out_dir) / LM_EVAL_DIR).glob(f"*/*/samples_{task}_*.jsonl"))
+    if len(paths) != 1:
+        raise FileNotFoundError(f"{out_dir}/{LM_EVAL_DIR}: {len(paths)} sample files for task {task!r}")
+    return [json.loads(line) for line in paths[0].read_text(encoding="utf-8").splitlines()]
+
+
+def _save_lm_eval_files(tracker: Any, out: dict[str, Any], samples: dict[str, list]) -> None:
+    """lm-eval's own result and sample files; its tracker only logs a warning when a write fails, so
+    the files are checked here (a silent gap would be found only when someone looks for them)."""
+    tracker.save_results_aggregated(results=out, samples=samples)
+    for task, rows in samples.items():
+        tracker.save_results_samples(task_name=task, samples=rows)
+    folder = Path(tracker.output_path) / tracker.general_config_tracker.model_name_sanitized
+    missing = [f"samples_{t}" for t in samples if not list(folder.glob(f"samples_{t}_*.jsonl"))]
+    if not list(folder.glob("results_*.json")) or missing:
+        raise OSError(f"lm-eval's EvaluationTracker did not write {missing or 'results'} under {folder}")
 
 
 def model_under_test(cfg: DictConfig, ctx: StageContext) -> str:
@@ -43,6 +65,7 @@ def _jsonable(obj: Any) -> Any:
 
 def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     from lm_eval import simple_evaluate
+    from lm_eval.loggers import EvaluationTracker
 
     conf = OmegaConf.to_container(cfg.evaluation, resolve=True)
     suites = list(conf["suites"])
@@ -79,13 +102,14 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
 
     summary: dict[str, Any] = {"model": model, "lm_eval_version": lm_eval.__version__, "suites": {}}
     scores: dict[str, dict[str, float]] = {}
-    samples_dir = ctx.out_dir / "samples"
-    samples_dir.mkdir(exist_ok=True)
     configs: dict[str, Any] = {}
     for name in suites:
         log.info("evaluate: suite %s (%d task(s)) on %s", name, len(tasks[name]), model)
+        tracker = EvaluationTracker(output_path=str(ctx.out_dir / LM_EVAL_DIR / name))
         out = simple_evaluate(
             model=lm,
+            model_args={"pretrained": model},  # names lm-eval's output folder; the model is `lm`
+            evaluation_tracker=tracker,
             tasks=tasks[name],
             limit=SUITES.get(name).limit(contexts[name]),
             num_fewshot=contexts[name].conf.get("num_fewshot"),
@@ -95,11 +119,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
             random_seed=int(conf.get("seed", 1234)),
         )
         results = out["results"]
-        samples = out.get("samples", {})
-        for task, rows in samples.items():
-            atomic_write_text(
-                samples_dir / f"{task}.jsonl", "".join(json.dumps(_jsonable(r)) + "\n" for r in rows)
-            )
+        samples = out.pop("samples", {})
         scores[name] = {
             f"{task}/{key.split(',')[0]}": float(value)
             for task, metrics in results.items()
@@ -112,6 +132,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
         summary["suites"][name] = SUITES.get(name).summarize(contexts[name], results, samples)
         configs[name] = _jsonable(out.get("configs", {}))
         ctx.tracker.log_metrics({f"evaluate/{name}/{k}": v for k, v in scores[name].items()})
+        _save_lm_eval_files(tracker, out, samples)  # last: lm-eval rewrites the samples as it saves
     truncated = getattr(lm, "truncated_prompts", 0)
     atomic_write_json(ctx.out_dir / "task_configs.json", configs)
     atomic_write_json(

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from evaluation import columns, niah
+from evaluation.stage import sample_rows
 from evaluation.truncation import truncate_middle
 
 
@@ -191,12 +192,14 @@ def test_evaluate_stage_on_a_tiny_model_writes_results_samples_heatmap_and_ruler
     results = json.loads((out / "results.json").read_text())
     assert set(results["suites"]["niah"]["grid"]) == {"256@0", "256@100", "512@0", "512@100"}
     assert results["lm_eval_version"] == "0.4.13" and manifest["model"] == "tiny_llama"
-    lines = (out / "samples" / "niah_grid.jsonl").read_text().splitlines()
-    assert len(lines) == 4 and "retrieval" in json.loads(lines[0])
+    rows = sample_rows(out, "niah_grid")  # lm-eval's EvaluationTracker files, under lm_eval/<suite>/
+    assert len(rows) == 4 and all("retrieval" in r and r["doc"]["depth"] in (0, 100) for r in rows)
+    [aggregated] = (out / "lm_eval" / "niah").glob("*/results_*.json")
+    assert json.loads(aggregated.read_text())["lm_eval_version"] == "0.4.13"
     assert (out / "niah_heatmap.png").is_file() and (out / "task_configs.json").is_file()
     assert 0.0 <= results["scores"]["niah"]["niah_grid/retrieval"] <= 1.0
     # RULER: lm-eval's generator, 2 samples of the one length, our paper columns
-    assert len((out / "samples" / "niah_single_1.jsonl").read_text().splitlines()) == 2
+    assert len(sample_rows(out, "niah_single_1")) == 2
     assert set(results["scores"]["ruler"]) == {"niah_single_1/1024"}
     assert (
         results["suites"]["ruler"]["1024"]["table1"]["S1"]
@@ -342,9 +345,7 @@ def test_longbench_from_local_files_runs_through_lm_eval_with_middle_truncation(
     manifest = run_pipeline(cfg)["evaluate"]
     assert manifest["truncated_prompts"] == 1
     out = Path(json.loads((Path(cfg.paths.output_dir) / "artifacts.json").read_text())["evaluate"])
-    samples = [
-        json.loads(line) for line in (out / "samples" / "longbench_hotpotqa.jsonl").read_text().splitlines()
-    ]
+    samples = sample_rows(out, "longbench_hotpotqa")
     assert len(samples) == 2 and all("score" in s and "qa_f1_score" in s for s in samples)
     summary = manifest["suites"]["longbench"]
     assert set(summary["tasks"]) == {"hotpotqa"} and 0.0 <= summary["tasks"]["hotpotqa"] <= 100.0
@@ -434,7 +435,7 @@ def test_short_suites_from_local_files_give_table3(make_cfg, tmp_path):
         assert 0.0 <= table3[column] <= 100.0
     assert table3["HumanEval"] is None and table3["Avg"] is None  # humaneval not asked for
     out = Path(json.loads((Path(cfg.paths.output_dir) / "artifacts.json").read_text())["evaluate"])
-    assert len((out / "samples" / "mmlu_anatomy.jsonl").read_text().splitlines()) == 4
+    assert len(sample_rows(out, "mmlu_anatomy")) == 4
     # a task without its evaluated split names the file it wanted
     from evaluation.suites import SUITES, EvaluationDataError, SuiteContext
 
