@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -23,6 +25,26 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
 CONF_DIR = "../conf"
+REPO = Path(__file__).resolve().parent.parent
+# set by a launcher or an enclosing run; a child `run.py` must start clean of them
+RUN_ENV_KEYS = ("LONGATTN_RUN_DIR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python run.py *args` from the repository root, as a user types it; fails the test on a non-zero
+    exit with the tail of its output. `env` adds to (or overrides) a copy of this environment."""
+    child = {k: v for k, v in os.environ.items() if k not in RUN_ENV_KEYS}
+    child.update(OMP_NUM_THREADS="1", **(env or {}))
+    done = subprocess.run(
+        [sys.executable, "run.py", *args],
+        cwd=REPO,
+        env=child,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
 
 
 def compose_cfg(tmp_path: Path, overrides: list[str] = ()) -> DictConfig:

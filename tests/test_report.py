@@ -4,12 +4,10 @@ in one tiny sweep (cache reuse across members, the sweep report)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from experiments.paper_tables import (
     RunResult,
@@ -95,30 +93,15 @@ def test_run_tables_read_the_longest_ruler_length():
 def test_every_experiment_runs_end_to_end_in_one_tiny_sweep(tmp_path):
     """`-m experiment=glob(*)` with debug=tiny: every config composes and runs prepare..report; members
     that share a scorer reuse one score artifact; a sweep report collects them all."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("LONGATTN_RUN_DIR", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-    }
-    env["OMP_NUM_THREADS"] = "1"
     sweep = tmp_path / "sweep"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "run.py",
-            "-m",
-            "experiment=glob(*)",
-            "debug=tiny",
-            f"paths.root_dir={tmp_path}",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
+    done = run_cli(
+        "-m",
+        "experiment=glob(*)",
+        "debug=tiny",
+        f"paths.root_dir={tmp_path}",
+        f"hydra.sweep.dir={sweep}",
         timeout=1500,
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     members = sorted(p.parent for p in sweep.glob("*/artifacts.json"))
     assert len(members) == len(EXPERIMENTS)
     for member in members:
@@ -140,22 +123,13 @@ def test_every_experiment_runs_end_to_end_in_one_tiny_sweep(tmp_path):
     ).read_text()
     assert "| ours |" in demo_report and "| paper | n/a" in demo_report
     # one report over the whole sweep
-    report = subprocess.run(
-        [
-            sys.executable,
-            "run.py",
-            "debug=tiny",
-            "stages=[report]",
-            f"report.sweep_dir={sweep}",
-            f"paths.root_dir={tmp_path}",
-        ],
-        cwd=REPO,
-        env={**env, "LONGATTN_RUN_DIR": str(tmp_path / "report_run")},
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run_cli(
+        "debug=tiny",
+        "stages=[report]",
+        f"report.sweep_dir={sweep}",
+        f"paths.root_dir={tmp_path}",
+        env={"LONGATTN_RUN_DIR": str(tmp_path / "report_run")},
     )
-    assert report.returncode == 0, report.stderr[-3000:]
     index = json.loads((tmp_path / "report_run" / "artifacts.json").read_text())
     text = (Path(index["report"]) / "report.md").read_text()
     for label in ("Random", "ProLong", "LADM", "w/o DU_T", "alpha=1"):

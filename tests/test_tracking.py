@@ -3,6 +3,8 @@ from __future__ import annotations
 import sys
 import types
 
+from conftest import run_cli
+
 from common.tracking import Tracker, WandbTracker, make_tracker, wandb_mode
 
 
@@ -91,37 +93,22 @@ def init(**kw):
 
 def test_members_of_a_multirun_log_to_one_wandb_group_named_after_the_sweep(tmp_path):
     import json
-    import os
-    import subprocess
-    from pathlib import Path
 
     (tmp_path / "fake" / "wandb").mkdir(parents=True)
     (tmp_path / "fake" / "wandb" / "__init__.py").write_text(FAKE_WANDB)
     log = tmp_path / "inits.jsonl"
-    env = {k: v for k, v in os.environ.items() if k not in ("LONGATTN_RUN_DIR", "WANDB_MODE")}
-    env.update(PYTHONPATH=str(tmp_path / "fake"), FAKE_WANDB_LOG=str(log), OMP_NUM_THREADS="1")
     sweep = tmp_path / "sweep-ablation"
-    repo = Path(__file__).resolve().parent.parent
-    done = subprocess.run(
-        [
-            sys.executable,
-            "run.py",
-            "-m",
-            "debug=tiny",
-            "stages=[prepare]",
-            "logger=wandb",
-            "logger.mode=offline",
-            "data.max_windows_per_domain=2,3",
-            f"paths.root_dir={tmp_path}",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run_cli(
+        "-m",
+        "debug=tiny",
+        "stages=[prepare]",
+        "logger=wandb",
+        "logger.mode=offline",
+        "data.max_windows_per_domain=2,3",
+        f"paths.root_dir={tmp_path}",
+        f"hydra.sweep.dir={sweep}",
+        env={"PYTHONPATH": str(tmp_path / "fake"), "FAKE_WANDB_LOG": str(log), "WANDB_MODE": "offline"},
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     inits = [json.loads(line) for line in log.read_text().splitlines()]
     assert [i["group"] for i in inits] == ["sweep-ablation", "sweep-ablation"]
     assert {i["mode"] for i in inits} == {"offline"}

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import load_file
 
 from common.artifacts import find_artifact
@@ -22,7 +20,6 @@ from experiments.pipeline import run_pipeline
 from training.metrics import read_records
 from training.schedule import cosine_lr
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = ["debug=tiny", "training.save_every=2", "training.keep_checkpoints=2", "training.lr=1e-3"]
 
 pytestmark = pytest.mark.slow
@@ -132,29 +129,15 @@ def test_two_processes_under_torchrun_train_the_same_steps_as_one(make_cfg, tiny
     """training.num_gpus=2 relaunches run.py under torchrun (gloo); each step's 8 sequences are split
     over the two ranks, so the losses match the one-process run."""
     _, one = _train(make_cfg, tiny_root)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR")
-    }
     root = tmp_path / "two"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "run.py",
-            *TINY,
-            "stages=[prepare,score,select,train]",
-            "training.num_gpus=2",
-            "training.device=cpu",
-            f"paths.root_dir={root}",
-        ],
-        cwd=REPO,
-        env={**env, "OMP_NUM_THREADS": "1", "LONGATTN_RUN_DIR": str(root / "run")},
-        capture_output=True,
-        text=True,
-        timeout=600,
+    done = run_cli(
+        *TINY,
+        "stages=[prepare,score,select,train]",
+        "training.num_gpus=2",
+        "training.device=cpu",
+        f"paths.root_dir={root}",
+        env={"LONGATTN_RUN_DIR": str(root / "run")},
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "torch.distributed.run --nproc_per_node=2" in done.stdout
     index = json.loads((root / "run" / "artifacts.json").read_text())
     two = Path(index["train"])
