@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 LM_EVAL_DIR = "lm_eval"
+SUITE_RECORDS_DIR = "suites"  # one JSON per finished suite: what a resumed run reuses
+REQUEST_CACHE_DIR = "request_cache"  # lm-eval's per-request SQLite caches, removed once all suites finish
 
 
 def sample_rows(out_dir: Path, task: str) -> list[dict[str, Any]]:
@@ -64,9 +67,6 @@ def _jsonable(obj: Any) -> Any:
 
 
 def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
-    from lm_eval import simple_evaluate
-    from lm_eval.loggers import EvaluationTracker
-
     conf = OmegaConf.to_container(cfg.evaluation, resolve=True)
     suites = list(conf["suites"])
     for name in suites:
@@ -88,39 +88,81 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     tasks = {name: SUITES.get(name).tasks(contexts[name]) for name in suites}  # data checks before loading
     if "short" in suites and conf.get("short", {}).get("allow_code_eval"):
         os.environ["HF_ALLOW_CODE_EVAL"] = "1"
-    lm = load_lm(
-        model,
-        ctx.cache_dir,
-        conf.get("backend", "hf"),
-        int(conf["max_length"]),
-        int(conf.get("batch_size", 1)),
-        conf.get("device", "auto"),
-        conf.get("dtype", "auto"),
-        int(conf.get("tensor_parallel_size", 1)),
-    )
     import lm_eval
 
     summary: dict[str, Any] = {"model": model, "lm_eval_version": lm_eval.__version__, "suites": {}}
     scores: dict[str, dict[str, float]] = {}
     configs: dict[str, Any] = {}
+    truncated = 0
+    lm = None
     for name in suites:
-        log.info("evaluate: suite %s (%d task(s)) on %s", name, len(tasks[name]), model)
-        tracker = EvaluationTracker(output_path=str(ctx.out_dir / LM_EVAL_DIR / name))
-        out = simple_evaluate(
-            model=lm,
-            model_args={"pretrained": model},  # names lm-eval's output folder; the model is `lm`
-            evaluation_tracker=tracker,
-            tasks=tasks[name],
-            limit=SUITES.get(name).limit(contexts[name]),
-            num_fewshot=contexts[name].conf.get("num_fewshot"),
-            log_samples=True,
-            task_manager=task_manager(),
-            confirm_run_unsafe_code=bool(contexts[name].conf.get("allow_code_eval", False)),
-            random_seed=int(conf.get("seed", 1234)),
-        )
-        results = out["results"]
-        samples = out.pop("samples", {})
-        scores[name] = {
+        record_path = ctx.out_dir / SUITE_RECORDS_DIR / f"{name}.json"
+        if record_path.is_file():  # finished before an interruption
+            log.info("evaluate: suite %s already complete (%s); reused", name, record_path)
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+        else:
+            if lm is None:
+                lm = load_lm(
+                    model,
+                    ctx.cache_dir,
+                    conf.get("backend", "hf"),
+                    int(conf["max_length"]),
+                    int(conf.get("batch_size", 1)),
+                    conf.get("device", "auto"),
+                    conf.get("dtype", "auto"),
+                    int(conf.get("tensor_parallel_size", 1)),
+                )
+            record = _run_suite(name, tasks[name], contexts[name], lm, model, ctx.out_dir, conf)
+            atomic_write_json(record_path, record)
+        scores[name] = record["scores"]
+        summary["suites"][name] = record["summary"]
+        configs[name] = record["configs"]
+        truncated += record["truncated_prompts"]
+        ctx.tracker.log_metrics({f"evaluate/{name}/{k}": v for k, v in scores[name].items()})
+    atomic_write_json(ctx.out_dir / "task_configs.json", configs)
+    atomic_write_json(
+        ctx.out_dir / RESULTS_FILE, {"scores": scores, **summary, "truncated_prompts": truncated}
+    )
+    shutil.rmtree(ctx.out_dir / REQUEST_CACHE_DIR, ignore_errors=True)  # every suite has its record now
+    return {**summary, "scores": scores, "truncated_prompts": truncated}
+
+
+def _run_suite(
+    name: str,
+    tasks: list[dict[str, Any]],
+    suite_ctx: SuiteContext,
+    lm: Any,
+    model: str,
+    out_dir: Path,
+    conf: dict[str, Any],
+) -> dict[str, Any]:
+    """One suite through lm-eval. Every response goes to a per-suite SQLite request cache as it is
+    generated (lm-eval's CachingLM), so a run interrupted mid-suite replays what it had and generates
+    only the rest; the suite's record is written by the caller once it is complete."""
+    from lm_eval import simple_evaluate
+    from lm_eval.loggers import EvaluationTracker
+
+    log.info("evaluate: suite %s (%d task(s)) on %s", name, len(tasks), model)
+    shutil.rmtree(out_dir / LM_EVAL_DIR / name, ignore_errors=True)  # files of an interrupted attempt
+    tracker = EvaluationTracker(output_path=str(out_dir / LM_EVAL_DIR / name))
+    truncated_before = getattr(lm, "truncated_prompts", 0)
+    out = simple_evaluate(
+        model=lm,
+        model_args={"pretrained": model},  # names lm-eval's output folder; the model is `lm`
+        evaluation_tracker=tracker,
+        use_cache=str(out_dir / REQUEST_CACHE_DIR / name),
+        tasks=tasks,
+        limit=SUITES.get(name).limit(suite_ctx),
+        num_fewshot=suite_ctx.conf.get("num_fewshot"),
+        log_samples=True,
+        task_manager=task_manager(),
+        confirm_run_unsafe_code=bool(suite_ctx.conf.get("allow_code_eval", False)),
+        random_seed=int(conf.get("seed", 1234)),
+    )
+    results = out["results"]
+    samples = out.pop("samples", {})
+    record = {
+        "scores": {
             f"{task}/{key.split(',')[0]}": float(value)
             for task, metrics in results.items()
             for key, value in metrics.items()
@@ -128,17 +170,14 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
             and "stderr" not in key
             and key != "sample_len"
             and not (key.split(",")[0].isdigit() and value == -1)  # RULER: -1 = no samples at that length
-        }
-        summary["suites"][name] = SUITES.get(name).summarize(contexts[name], results, samples)
-        configs[name] = _jsonable(out.get("configs", {}))
-        ctx.tracker.log_metrics({f"evaluate/{name}/{k}": v for k, v in scores[name].items()})
-        _save_lm_eval_files(tracker, out, samples)  # last: lm-eval rewrites the samples as it saves
-    truncated = getattr(lm, "truncated_prompts", 0)
-    atomic_write_json(ctx.out_dir / "task_configs.json", configs)
-    atomic_write_json(
-        ctx.out_dir / RESULTS_FILE, {"scores": scores, **summary, "truncated_prompts": truncated}
-    )
-    return {**summary, "scores": scores, "truncated_prompts": truncated}
+        },
+        "summary": SUITES.get(name).summarize(suite_ctx, results, samples),
+        "configs": _jsonable(out.get("configs", {})),
+        # prompts cut to fit, among those generated in this process (replayed responses are not re-cut)
+        "truncated_prompts": getattr(lm, "truncated_prompts", 0) - truncated_before,
+    }
+    _save_lm_eval_files(tracker, out, samples)  # last: lm-eval rewrites the samples as it saves
+    return record
 
 
 def fingerprint_extras(cfg: DictConfig) -> list[list[Any]]:

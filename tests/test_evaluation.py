@@ -208,6 +208,62 @@ def test_evaluate_stage_on_a_tiny_model_writes_results_samples_heatmap_and_ruler
 
 
 @pytest.mark.slow
+def test_an_interrupted_evaluation_resumes_without_generating_again(make_cfg, tmp_path, monkeypatch):
+    """A crash in the second suite: the rerun reuses the first suite's record and replays the second's
+    responses from lm-eval's request cache, so it generates nothing and gives the same scores."""
+    from lm_eval.models.huggingface import HFLM
+
+    from evaluation.suites import SUITES
+    from experiments.pipeline import run_pipeline
+
+    overrides = [
+        "debug=tiny",
+        "stages=[evaluate]",
+        "evaluation.model=tiny_llama",
+        "evaluation.suites=[niah,ruler]",
+        "evaluation.niah.lengths=[256]",
+        "evaluation.niah.depths=[0,100]",
+        "evaluation.ruler.tasks=[niah_single_1]",
+        "evaluation.ruler.lengths=[512]",
+        "evaluation.ruler.samples=2",
+    ]
+    generated = []
+    original = HFLM.generate_until
+
+    def counting(self, requests, *args, **kwargs):
+        generated.extend(requests)
+        return original(self, requests, *args, **kwargs)
+
+    monkeypatch.setattr(HFLM, "generate_until", counting)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("power cut after RULER generated its answers")
+
+    ruler = SUITES.get("ruler")
+    summarize = ruler.summarize
+    monkeypatch.setattr(ruler, "summarize", crash)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_pipeline(make_cfg(*overrides))
+    assert len(generated) == 2 + 2  # NIAH's 2 cells, RULER's 2 samples
+    [out] = (tmp_path / "artifacts" / "evaluate").iterdir()
+    assert (out / "suites" / "niah.json").is_file() and not (out / "suites" / "ruler.json").exists()
+    assert not (out / "manifest.json").exists()
+
+    monkeypatch.setattr(ruler, "summarize", summarize)
+    manifest = run_pipeline(make_cfg(*overrides))["evaluate"]
+    assert len(generated) == 4  # nothing generated again
+    assert set(manifest["scores"]) == {"niah", "ruler"}
+    assert set(manifest["scores"]["ruler"]) == {"niah_single_1/512"}
+    assert len(sample_rows(out, "niah_single_1")) == 2  # one set of lm-eval files, not two
+    assert not (out / "request_cache").exists()  # dropped once every suite has its record
+
+    # the same evaluation from scratch gives the same scores
+    fresh = run_pipeline(make_cfg(*overrides, "evaluation.seed=1234", root=tmp_path / "fresh"))["evaluate"]
+    assert fresh["scores"] == manifest["scores"]
+    assert len(generated) == 8
+
+
+@pytest.mark.slow
 def test_ruler_tasks_come_from_lm_eval_with_our_lengths_and_tokenizer(tmp_path):
     """lm-eval's own RULER YAML, re-pointed: only the requested length columns, our tokenizer."""
     from evaluation.suites import SUITES, SuiteContext
