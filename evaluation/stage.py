@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,16 @@ SUITE_RECORDS_DIR = "suites"  # one JSON per finished suite: what a resumed run 
 REQUEST_CACHE_DIR = "request_cache"  # lm-eval's per-request SQLite caches, removed once all suites finish
 
 
+def _sample_files(folder: Path, task: str, within: str = "") -> list[Path]:
+    """lm-eval names them samples_<task>_<ISO time>.jsonl; the time pattern keeps `hotpotqa` from also
+    matching LongBench's `hotpotqa_e`."""
+    name = re.compile(rf"samples_{re.escape(task)}_\d{{4}}-\d\d-\d\dT[\d.-]+\.jsonl")
+    return sorted(p for p in folder.glob(f"{within}samples_{task}_*.jsonl") if name.fullmatch(p.name))
+
+
 def sample_rows(out_dir: Path, task: str) -> list[dict[str, Any]]:
     """The per-sample records lm-eval's EvaluationTracker wrote for `task` in an evaluate artifact."""
-    paths = sorted((Path(out_dir) / LM_EVAL_DIR).glob(f"*/*/samples_{task}_*.jsonl"))
+    paths = _sample_files(Path(out_dir) / LM_EVAL_DIR, task, "*/*/")
     if len(paths) != 1:
         raise FileNotFoundError(f"{out_dir}/{LM_EVAL_DIR}: {len(paths)} sample files for task {task!r}")
     return [json.loads(line) for line in paths[0].read_text(encoding="utf-8").splitlines()]
@@ -47,7 +55,7 @@ def _save_lm_eval_files(tracker: Any, out: dict[str, Any], samples: dict[str, li
     for task, rows in samples.items():
         tracker.save_results_samples(task_name=task, samples=rows)
     folder = Path(tracker.output_path) / tracker.general_config_tracker.model_name_sanitized
-    missing = [f"samples_{t}" for t in samples if not list(folder.glob(f"samples_{t}_*.jsonl"))]
+    missing = [f"samples_{t}" for t in samples if not _sample_files(folder, t)]
     if not list(folder.glob("results_*.json")) or missing:
         raise OSError(f"lm-eval's EvaluationTracker did not write {missing or 'results'} under {folder}")
 

@@ -499,3 +499,16 @@ def test_short_suites_from_local_files_give_table3(make_cfg, tmp_path):
         SUITES.get("short").tasks(
             SuiteContext({"tasks": ["openbookqa"], "data_dir": str(tmp_path)}, None, "m", tmp_path, 0)
         )
+
+
+def test_sample_rows_tell_a_task_from_one_whose_name_extends_it(tmp_path):
+    """LongBench has hotpotqa and hotpotqa_e: lm-eval's samples_<task>_<time>.jsonl names overlap."""
+    folder = tmp_path / "lm_eval" / "longbench" / "model"
+    folder.mkdir(parents=True)
+    for task, n in (("longbench_hotpotqa", 2), ("longbench_hotpotqa_e", 3)):
+        rows = "".join(json.dumps({"doc_id": i}) + "\n" for i in range(n))
+        (folder / f"samples_{task}_2026-11-22T21-31-55.923287.jsonl").write_text(rows)
+    assert len(sample_rows(tmp_path, "longbench_hotpotqa")) == 2
+    assert len(sample_rows(tmp_path, "longbench_hotpotqa_e")) == 3
+    with pytest.raises(FileNotFoundError, match="0 sample files for task 'longbench_2wikimqa'"):
+        sample_rows(tmp_path, "longbench_2wikimqa")
