@@ -10,12 +10,26 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
+from common.errors import USER_ERROR_EXIT_CODE, UserError
 from experiments.launch import needs_launch, relaunch
 from experiments.pipeline import run_pipeline
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    """A user error (bad record, missing file, bad config value, missing offline data) ends the run with
+    one line, `error: <message>`, and exit status 2; `HYDRA_FULL_ERROR=1` shows its traceback. A program
+    bug keeps its traceback (Hydra prints it)."""
+    try:
+        return run(cfg)
+    except UserError as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR_EXIT_CODE)
+
+
+def run(cfg: DictConfig) -> float | None:
     train = cfg.training
     hydra_cfg = HydraConfig.get()
     if needs_launch(train.num_gpus, train.num_nodes, list(cfg.stages), os.environ):

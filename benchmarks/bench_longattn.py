@@ -56,7 +56,7 @@ def window_ids(length: int, model_dir: str):
     import torch
     from transformers import AutoTokenizer
 
-    from selection.corpus import CorpusStats, SourceSpec, iter_documents
+    from common.corpus import CorpusStats, SourceSpec, iter_documents
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     spec = SourceSpec(domain="code", format="python_code", options={"packages": ["asyncio", "email"]})

@@ -29,7 +29,7 @@ METHODS = ("longattn", "ladm", "prolong", "random")
 
 
 def load_documents(corpus: str | None, text_field: str, tokenizer) -> dict[str, list[list[int]]]:
-    from selection.corpus import CorpusStats, SourceSpec, iter_documents
+    from common.corpus import CorpusStats, SourceSpec, iter_documents
 
     if corpus:
         specs = [SourceSpec(domain="corpus", path=corpus, text_field=text_field)]

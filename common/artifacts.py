@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic import atomic_write_json
+from common.errors import MissingInputError
 
 MANIFEST = "manifest.json"
 FINGERPRINT_CHARS = 16
@@ -81,5 +82,5 @@ def find_artifact(path: Path) -> Artifact:
     path = Path(path)
     art = Artifact(stage=path.parent.name, fingerprint=path.name, path=path)
     if not art.is_complete():
-        raise FileNotFoundError(f"{path} is not a complete artifact (no {MANIFEST}); re-run its stage")
+        raise MissingInputError(f"{path} is not a complete artifact (no {MANIFEST}); re-run its stage")
     return art

@@ -23,6 +23,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from common.errors import UserError
 from common.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ COMPLETE_MARKER = ".complete"
 EMBEDDED_MODELS: Registry[Callable[[Path], Path]] = Registry("embedded model")
 
 
-class ModelSourceError(RuntimeError):
+class ModelSourceError(UserError, RuntimeError):
     """A model could not be found or built; the message says how to get it."""
 
 

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from common.errors import ConfigError, UserError
 from common.model_sources import resolve_model_path
 from evaluation.truncation import truncate_middle
 
@@ -71,7 +72,7 @@ def load_lm(
         try:
             from lm_eval.models.vllm_causallms import VLLM
         except ImportError as exc:
-            raise RuntimeError(
+            raise UserError(
                 "evaluation.backend=vllm needs vllm installed (pip install vllm); or use evaluation.backend=hf"
             ) from exc
         return VLLM(
@@ -81,4 +82,4 @@ def load_lm(
             truncation_side="middle",
             dtype=dtype,
         )
-    raise ValueError(f"evaluation.backend={backend}: choose one of {BACKENDS}")
+    raise ConfigError(f"evaluation.backend={backend}: choose one of {BACKENDS}")

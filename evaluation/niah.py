@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from common.errors import UserError
+
 # RULER's "repeat" haystack: needs no data.
 REPEAT_HAYSTACK = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 KEYS = ["apple", "river", "copper", "lantern", "meadow", "falcon", "violet", "harbor", "ember", "quartz"]
@@ -27,8 +29,8 @@ TEMPLATE = (
 )
 
 
-class NiahError(ValueError):
-    pass
+class NiahError(UserError, ValueError):
+    """A NIAH setting that cannot build its prompts (haystack file, lengths); names the key."""
 
 
 def haystack_sentences(path: str | None) -> list[str]:

@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from common.atomic import atomic_write_json
+from common.errors import ConfigError
 from common.model_sources import load_tokenizer, resolve_model_path
 from common.stage import StageContext
 from evaluation.backend import load_lm
@@ -64,7 +65,7 @@ def model_under_test(cfg: DictConfig, ctx: StageContext) -> str:
     if cfg.evaluation.get("model"):
         return str(cfg.evaluation.model)
     if "train" not in ctx.inputs:
-        raise ValueError(
+        raise ConfigError(
             "evaluation.model is null and no train artifact was given: set evaluation.model=<dir or id>"
         )
     return str(ctx.inputs["train"].path / "model")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic import atomic_write_text
+from common.errors import ConfigError
 from common.model_sources import default_cache_dir
 from common.registry import Registry
 from evaluation import columns, niah, punkt_data
@@ -114,7 +115,7 @@ def wanted_tasks(ctx: SuiteContext, suite: str, known: list[str]) -> list[str]:
     """`evaluation.<suite>.tasks`, or all of them when null; unknown names fail listing the known ones."""
     wanted = list(ctx.conf.get("tasks") or known)
     if unknown := [t for t in wanted if t not in known]:
-        raise ValueError(f"evaluation.{suite}.tasks: unknown {unknown}; known: {known}")
+        raise ConfigError(f"evaluation.{suite}.tasks: unknown {unknown}; known: {known}")
     return wanted
 
 

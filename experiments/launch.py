@@ -18,6 +18,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from common.distributed import rank_info
+from common.errors import ConfigError
 
 
 def needs_launch(num_gpus: int, num_nodes: int, stages: Sequence[str], env: Mapping[str, str]) -> bool:
@@ -38,7 +39,7 @@ def launch_command(
         if num_nodes > 1:
             missing = [k for k in ("NODE_RANK", "MASTER_ADDR") if k not in env]
             if missing:
-                raise RuntimeError(
+                raise ConfigError(
                     f"training.num_nodes={num_nodes}: set {', '.join(missing)} (and MASTER_PORT) on every node"
                 )
             cmd += [
@@ -55,7 +56,7 @@ def launch_command(
         if num_nodes > 1 and os.path.isfile("hostfile"):
             cmd.append("--hostfile=hostfile")
         return [*cmd, script, *overrides]
-    raise ValueError(f"training.launcher={launcher}: choose torchrun or deepspeed")
+    raise ConfigError(f"training.launcher={launcher}: choose torchrun or deepspeed")
 
 
 def relaunch(

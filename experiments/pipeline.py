@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from common.artifacts import Artifact, artifact_for
 from common.atomic import atomic_write_json
 from common.distributed import rank_info, wait_until
+from common.errors import MissingInputError
 from common.stage import StageContext
 from common.tracking import Tracker, make_tracker
 from experiments.stages import STAGES, validate_stages
@@ -98,7 +99,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
             for upstream in STAGES[name].input_names(cfg):
                 art = artifact_for(artifacts_dir, upstream, fps[upstream])
                 if not art.is_complete():
-                    raise RuntimeError(
+                    raise MissingInputError(
                         f"stage '{name}' needs the '{upstream}' artifact {art.path}, which does not exist for "
                         f"this config; add '{upstream}' to stages (e.g. stages=[{upstream},{name}])"
                     )

@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from common.atomic import atomic_write_text
+from common.errors import MissingInputError
 from common.stage import StageContext
 from experiments.paper_tables import (
     PUBLISHED_DIR,
@@ -41,7 +42,7 @@ def run_dirs(cfg: DictConfig) -> list[Path]:
         return [Path(cfg.paths.output_dir)]
     found = sorted(p.parent for p in Path(sweep).expanduser().glob("**/artifacts.json"))
     if not found:
-        raise FileNotFoundError(f"report.sweep_dir={sweep}: no run directory (artifacts.json) under it")
+        raise MissingInputError(f"report.sweep_dir={sweep}: no run directory (artifacts.json) under it")
     return found
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from common.artifacts import fingerprint
+from common.errors import ConfigError
 from common.stage import StageContext, StageNotImplementedError
 
 # Keys that change how fast a stage runs, never what it writes: left out of every fingerprint.
@@ -140,10 +141,10 @@ def validate_stages(requested: list[str]) -> list[str]:
     """Known names, no repeats, in pipeline order (a prefix or any ordered subset)."""
     for name in requested:
         if name not in STAGES:
-            raise ValueError(f"stages: unknown stage '{name}'. Stages, in order: {', '.join(STAGE_ORDER)}")
+            raise ConfigError(f"stages: unknown stage '{name}'. Stages, in order: {', '.join(STAGE_ORDER)}")
     if len(set(requested)) != len(requested):
-        raise ValueError(f"stages={requested}: a stage is listed twice")
+        raise ConfigError(f"stages={requested}: a stage is listed twice")
     ordered = sorted(requested, key=STAGE_ORDER.index)
     if ordered != list(requested):
-        raise ValueError(f"stages={requested}: give them in pipeline order ({', '.join(STAGE_ORDER)})")
+        raise ConfigError(f"stages={requested}: give them in pipeline order ({', '.join(STAGE_ORDER)})")
     return ordered

@@ -21,9 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from common.atomic import atomic_write
+from common.corpus import CorpusError, CorpusStats, SourceSpec, iter_documents, source_signature
 from common.model_sources import load_tokenizer
 from common.stage import StageContext
-from selection.corpus import CorpusError, CorpusStats, SourceSpec, iter_documents, source_signature
 from selection.windows import window_id, window_starts
 
 log = logging.getLogger(__name__)

@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from common.errors import ConfigError
+
 NORMALIZATIONS = ("min_max", "zscore")
 
 
@@ -23,7 +25,7 @@ def normalize(values: np.ndarray, method: str) -> np.ndarray:
     if method == "zscore":
         std = v.std(ddof=1) if v.size > 1 else 0.0
         return np.zeros_like(v) if std == 0 else (v - v.mean()) / std
-    raise ValueError(f"selection.normalization={method}: choose one of {NORMALIZATIONS}")
+    raise ConfigError(f"selection.normalization={method}: choose one of {NORMALIZATIONS}")
 
 
 def longattn_score(
@@ -57,7 +59,7 @@ def domain_budgets(
     weights = {d: float((ratios or {}).get(d, 1.0 if not ratios else 0.0)) for d in present}
     total = sum(weights.values())
     if total <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"selection.domain_ratios={dict(ratios or {})} gives no weight to the domains {present}"
         )
     return {d: int(budget_tokens * w / total) for d, w in weights.items()}
@@ -79,14 +81,14 @@ def select_per_domain(
     overflow the share is skipped and smaller later ones may still fit.
     """
     if (fraction is None) == (budget_tokens is None):
-        raise ValueError("set exactly one of selection.fraction and selection.budget_tokens")
+        raise ConfigError("set exactly one of selection.fraction and selection.budget_tokens")
     by_domain: dict[str, list[int]] = {}
     for i in rank_order(ids, scores):
         by_domain.setdefault(domains[i], []).append(i)
     chosen: dict[str, list[int]] = {}
     if fraction is not None:
         if not 0 < fraction <= 1:
-            raise ValueError(f"selection.fraction={fraction}: must be in (0, 1]")
+            raise ConfigError(f"selection.fraction={fraction}: must be in (0, 1]")
         for domain, order in sorted(by_domain.items()):
             chosen[domain] = order[: int(len(order) * fraction)]
         return chosen
@@ -112,7 +114,7 @@ def training_mixture(
     Web 4 %)."""
     total_short = sum(short.values())
     if abs(long_share + total_short - 1.0) > 1e-6:
-        raise ValueError(
+        raise ConfigError(
             f"selection.mixture: long_share={long_share} + short shares={total_short} must sum to 1"
         )
     weights = {

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from common.atomic import atomic_write, atomic_write_text
 from common.distributed import RankInfo, rank_info, wait_until
+from common.errors import ConfigError, MissingInputError, UserError
 from common.model_sources import load_tokenizer
 from common.stage import StageContext
 from selection.scorers.registry import ScorerSetup, build_scorer, scorer_class
@@ -54,7 +55,7 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.flush_every < 1:
-            raise ValueError("selection.batch_size and selection.flush_every must be >= 1")
+            raise ConfigError("selection.batch_size and selection.flush_every must be >= 1")
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> ScoreConfig:
@@ -81,7 +82,7 @@ def resolve_device(device: str, ranks: RankInfo) -> str:
 def window_shards(prepare_dir: Path) -> list[Path]:
     shards = sorted(Path(prepare_dir).glob("windows-*.parquet"))
     if not shards:
-        raise FileNotFoundError(f"{prepare_dir}: no windows-*.parquet; re-run the prepare stage")
+        raise MissingInputError(f"{prepare_dir}: no windows-*.parquet; re-run the prepare stage")
     return shards
 
 
@@ -122,7 +123,7 @@ def check_vocabulary(cfg: DictConfig, conf: ScoreConfig, ctx: StageContext) -> N
         return
     a, b = load_tokenizer(windows_tok, ctx.cache_dir), load_tokenizer(conf.scorer_model, ctx.cache_dir)
     if a.get_vocab() != b.get_vocab():
-        raise ValueError(
+        raise ConfigError(
             f"windows were tokenized with model.name_or_path={windows_tok}, but the scorer "
             f"selection.scorer_model.name_or_path={conf.scorer_model} has a different vocabulary; use a scorer "
             "that shares the tokenizer (e.g. Llama-3.1 for Llama-3 windows)."
@@ -218,7 +219,7 @@ def merge_parts(parts_dir: Path, expected_ids: list[str], out: Path) -> pa.Table
         raise RuntimeError(f"{parts_dir}: duplicate window ids in part files; delete the parts and re-score")
     if ids != sorted(expected_ids):
         missing = len(set(expected_ids) - set(ids))
-        raise RuntimeError(
+        raise UserError(
             f"{parts_dir}: {missing} windows have no score; re-run the score stage to finish them"
         )
     atomic_write(out, lambda tmp: pq.write_table(table, tmp))

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
 from common.atomic import atomic_write, atomic_write_json, atomic_write_text
+from common.errors import ConfigError, MissingInputError
 from common.model_sources import load_tokenizer
 from common.registry import Registry
 from common.stage import StageContext
@@ -49,7 +50,7 @@ class SelectConfig:
 
     def __post_init__(self) -> None:
         if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"selection.normalization={self.normalization}: choose one of {NORMALIZATIONS}")
+            raise ConfigError(f"selection.normalization={self.normalization}: choose one of {NORMALIZATIONS}")
         if self.budget_tokens is not None:
             self.fraction = None
 
@@ -87,7 +88,7 @@ SCORE_RULES.add("random", _column_rule("u"))
 def read_scores(score_dir: Path) -> pa.Table:
     path = Path(score_dir) / SCORES_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; re-run the score stage")
+        raise MissingInputError(f"{path} is missing; re-run the score stage")
     return pq.read_table(path)
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from selection.corpus import CorpusError, CorpusStats, SourceSpec, expand_source_files, iter_documents
+from common.corpus import CorpusError, CorpusStats, SourceSpec, expand_source_files, iter_documents
 
 
 def docs(*specs: SourceSpec, policy: str = "error", stats: CorpusStats | None = None) -> list[dict]:
@@ -152,7 +152,7 @@ def test_demo_corpus_text_is_identical_across_processes():
         "    import logging, wandb, datasets\n"
         "    logging.basicConfig(level=logging.DEBUG)\n"
         "    logging.getLogger('some.library').addHandler(logging.NullHandler())\n"
-        "from selection.corpus import CorpusStats, SourceSpec, iter_documents\n"
+        "from common.corpus import CorpusStats, SourceSpec, iter_documents\n"
         "specs = [SourceSpec(domain='code', format='python_code'), SourceSpec(domain='docs', format='python_docs')]\n"
         "h, n = hashlib.sha256(), {'code': 0, 'docs': 0}\n"
         "for d in iter_documents(specs, 'error', CorpusStats()):\n"

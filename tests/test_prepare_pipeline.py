@@ -12,9 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import selection.prepare
+from common.corpus import CorpusError, CorpusStats, SourceSpec, iter_documents
+from common.errors import MissingInputError
 from common.stage import StageNotImplementedError
 from experiments.pipeline import run_pipeline
-from selection.corpus import CorpusError, CorpusStats, SourceSpec, iter_documents
 from selection.windows import window_starts
 
 ROOT = Path(__file__).parent.parent
@@ -177,7 +178,7 @@ def test_unimplemented_stage_fails_by_name_after_finished_work(make_cfg, book_js
 def test_a_stage_without_its_input_artifact_says_what_to_run(make_cfg, book_jsonl):
     cfg = make_cfg(*jsonl_overrides(book_jsonl[0]))
     cfg.stages = ["score"]
-    with pytest.raises(RuntimeError, match=r"needs the 'prepare' artifact.*stages=\[prepare,score\]"):
+    with pytest.raises(MissingInputError, match=r"needs the 'prepare' artifact.*stages=\[prepare,score\]"):
         run_pipeline(cfg)
 
 

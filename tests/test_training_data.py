@@ -9,6 +9,7 @@ import pytest
 import torch
 from datasets import Dataset
 
+from common.errors import ConfigError
 from training import checkpoints
 from training.config import TrainConfig
 from training.data import (
@@ -85,7 +86,7 @@ def test_rank_indices_partition_each_step_whatever_the_world_size(world, micro):
 
 
 def test_short_rows_pack_with_eos_and_stop_at_the_demand(tmp_path, smollm2_tokenizer):
-    from selection.corpus import SourceSpec
+    from common.corpus import SourceSpec
 
     docs = tmp_path / "wiki.jsonl"
     docs.write_text("".join(f'{{"text": "document number {i} says hello"}}\n' for i in range(40)))
@@ -166,7 +167,7 @@ def test_launcher_commands():
     ]
     multi = launch_command("torchrun", 8, 2, "run.py", [], {"NODE_RANK": "1", "MASTER_ADDR": "node0"})
     assert "--nnodes=2" in multi and "--node_rank=1" in multi and "--master_addr=node0" in multi
-    with pytest.raises(RuntimeError, match="NODE_RANK"):
+    with pytest.raises(ConfigError, match="NODE_RANK"):
         launch_command("torchrun", 8, 2, "run.py", [], {})
     ds = launch_command("deepspeed", 4, 1, "run.py", ["a=b"], {})
     assert ds[:4] == ["deepspeed", "--num_gpus=4", "--num_nodes=1", "--no_local_rank"] and ds[-2:] == [

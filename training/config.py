@@ -8,6 +8,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from common.errors import ConfigError
+
 DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "conf" / "training" / "deepspeed"
 PRECISIONS = ("bf16", "fp32")
 RESUME_MODES = ("auto", "never")
@@ -73,14 +75,14 @@ class TrainConfig:
         }
         for key, ok in checks.items():
             if not ok:
-                raise ValueError(f"training.{key}={getattr(self, key)}: must be positive")
+                raise ConfigError(f"training.{key}={getattr(self, key)}: must be positive")
         for key, allowed in (
             ("precision", PRECISIONS),
             ("resume", RESUME_MODES),
             ("launcher", LAUNCHERS),
         ):
             if getattr(self, key) not in allowed:
-                raise ValueError(f"training.{key}={getattr(self, key)}: choose one of {allowed}")
+                raise ConfigError(f"training.{key}={getattr(self, key)}: choose one of {allowed}")
         self.adam_betas = tuple(self.adam_betas)
 
     @classmethod
@@ -88,7 +90,7 @@ class TrainConfig:
         values = OmegaConf.to_container(cfg.training, resolve=True)
         known = {f.name for f in fields(cls)}
         if unknown := sorted(set(values) - known):
-            raise ValueError(f"training: unknown key(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"training: unknown key(s) {unknown}; known: {sorted(known)}")
         return cls(**values)
 
     def deepspeed_path(self) -> Path:
@@ -99,4 +101,4 @@ class TrainConfig:
         if path.is_file():
             return path
         names = sorted(p.stem for p in DEEPSPEED_DIR.glob("*.json"))
-        raise ValueError(f"training.deepspeed={self.deepspeed}: not one of {names} nor a JSON file")
+        raise ConfigError(f"training.deepspeed={self.deepspeed}: not one of {names} nor a JSON file")

@@ -25,7 +25,8 @@ import torch
 from datasets import Dataset, Features, Sequence, Value
 from datasets.arrow_writer import ArrowWriter
 
-from selection.corpus import CorpusStats, SourceSpec, iter_documents
+from common.corpus import CorpusStats, SourceSpec, iter_documents
+from common.errors import UserError
 from training.mixture import MixtureSchedule
 from training.packing import pack_documents
 
@@ -37,7 +38,7 @@ SEQUENCE_FEATURES = Features(
 TOKENIZE_BATCH = 256
 
 
-class TrainingDataError(ValueError):
+class TrainingDataError(UserError, ValueError):
     """Training data that cannot satisfy the mixture; the message names the config key to change."""
 
 

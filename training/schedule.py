@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from common.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class StepPlan:
@@ -28,20 +30,20 @@ def plan_steps(
     micro-batches on every rank; otherwise the error names the keys to change.
     """
     if global_batch_tokens % seq_len:
-        raise ValueError(
+        raise ConfigError(
             f"training.global_batch_tokens={global_batch_tokens:,} is not a multiple of "
             f"training.seq_len={seq_len:,}"
         )
     sequences = global_batch_tokens // seq_len
     per_pass = micro_batch * world_size
     if sequences % per_pass:
-        raise ValueError(
+        raise ConfigError(
             f"{sequences} sequences per step do not split over micro_batch={micro_batch} x "
             f"{world_size} ranks; change training.global_batch_tokens or training.micro_batch"
         )
     steps = int(budget_tokens // global_batch_tokens)
     if steps < 1:
-        raise ValueError(
+        raise ConfigError(
             f"training.budget_tokens={budget_tokens:,.0f} is less than one step "
             f"({global_batch_tokens:,} tokens)"
         )

@@ -16,10 +16,10 @@ from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
 
 from common.atomic import atomic_write_json
+from common.corpus import SourceSpec, source_signature
 from common.distributed import rank_info, wait_until
 from common.model_sources import load_tokenizer
 from common.stage import StageContext
-from selection.corpus import SourceSpec, source_signature
 from training.config import TrainConfig
 from training.data import (
     MixturePlan,

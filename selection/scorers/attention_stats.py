@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from common.errors import ConfigError
+
 IMPLS = ("reference", "blocked", "triton")
 
 
@@ -61,7 +63,7 @@ def _check(q_HLD: torch.Tensor, k_KLD: torch.Tensor, min_distance: int) -> tuple
             f"q {tuple(q_HLD.shape)} and k {tuple(k_KLD.shape)} do not match (GQA needs H % K == 0)"
         )
     if min_distance < 1:
-        raise ValueError(f"scoring.min_distance={min_distance}: must be >= 1")
+        raise ConfigError(f"scoring.min_distance={min_distance}: must be >= 1")
     return heads, kv_heads, length, dim
 
 
@@ -176,7 +178,7 @@ def head_stats(
 ) -> HeadStats:
     """One entry point for the three implementations (`scoring.impl`)."""
     if exclude_sink_tokens < 0:
-        raise ValueError(f"scoring.exclude_sink_tokens={exclude_sink_tokens}: must be >= 0")
+        raise ConfigError(f"scoring.exclude_sink_tokens={exclude_sink_tokens}: must be >= 0")
     if impl == "reference":
         return reference_head_stats(q_HLD, k_KLD, min_distance, exclude_sink_tokens)
     if impl == "blocked":
@@ -185,4 +187,4 @@ def head_stats(
         from selection.scorers.attention_stats_triton import triton_head_stats
 
         return triton_head_stats(q_HLD, k_KLD, min_distance, exclude_sink_tokens=exclude_sink_tokens)
-    raise ValueError(f"scoring.impl={impl}: choose one of {IMPLS} (or auto)")
+    raise ConfigError(f"scoring.impl={impl}: choose one of {IMPLS} (or auto)")

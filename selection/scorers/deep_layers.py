@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from common.checkpoint import find_prefix, load_config, load_tensors, tensor_locations
+from common.errors import ConfigError
 from common.model_sources import ModelSourceError
 from selection.scorers.attention_capture import CAPTURE, capture
 
@@ -44,7 +45,7 @@ class LayerStackQK:
         config = load_config(name_or_path, cache_dir, rope_theta)
         total = config.num_hidden_layers
         if not self.layers or self.layers[0] < 0 or self.layers[-1] >= total:
-            raise ValueError(f"selection.scoring.layers={list(layers)}: the model has layers 0..{total - 1}")
+            raise ConfigError(f"selection.scoring.layers={list(layers)}: the model has layers 0..{total - 1}")
         top = self.layers[-1]
         config.num_hidden_layers = top + 1
         where = tensor_locations(name_or_path, cache_dir)

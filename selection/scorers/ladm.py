@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from common.errors import ConfigError
 from selection.scorers.registry import SCORERS, ScorerSetup, resolve_dtype, typed_options
 
 ABLATIONS = ("none", "no_std", "no_len_weight")
@@ -40,9 +41,9 @@ class LadmOptions:
 
     def __post_init__(self) -> None:
         if self.ablation not in ABLATIONS:
-            raise ValueError(f"selection.scoring.ablation={self.ablation}: choose one of {ABLATIONS}")
+            raise ConfigError(f"selection.scoring.ablation={self.ablation}: choose one of {ABLATIONS}")
         if self.impl not in ("fast", "reference"):
-            raise ValueError(f"selection.scoring.impl={self.impl}: choose fast or reference")
+            raise ConfigError(f"selection.scoring.impl={self.impl}: choose fast or reference")
 
 
 def chunk_starts(length: int, chunk: int, d_afs: int, d_cds: int) -> list[int]:
@@ -78,7 +79,7 @@ def layer_cds(q_HLD: torch.Tensor, k_KLD: torch.Tensor, opts: LadmOptions) -> fl
     chunk, interval = opts.attn_chunk_size, opts.attn_chunk_size * opts.d_afs
     starts = chunk_starts(length, chunk, opts.d_afs, opts.d_cds)
     if not starts:
-        raise ValueError(
+        raise ConfigError(
             f"LADM needs windows longer than keep_at_start + 4*interval + chunk = {chunk + 4 * interval + chunk} "
             f"tokens (got {length}); lower selection.scoring.attn_chunk_size or d_afs"
         )

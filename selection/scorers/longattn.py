@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from common.errors import ConfigError
 from selection.scorers.attention_stats import IMPLS, HeadStats, default_min_distance, head_stats
 from selection.scorers.deep_layers import LayerStackQK
 from selection.scorers.first_layer import FirstLayerQK
@@ -45,21 +46,21 @@ class LongAttnOptions:
     def __post_init__(self) -> None:
         self.layers = [int(self.layers)] if isinstance(self.layers, int) else [int(i) for i in self.layers]
         if not self.layers or len(set(self.layers)) != len(self.layers):
-            raise ValueError(
+            raise ConfigError(
                 f"selection.scoring.layers={self.layers}: give one or more distinct layer indices"
             )
         if self.per_head and len(self.layers) > 1:
-            raise ValueError("selection.scoring.per_head needs a single entry in selection.scoring.layers")
+            raise ConfigError("selection.scoring.per_head needs a single entry in selection.scoring.layers")
         if self.exclude_sink_tokens < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"selection.scoring.exclude_sink_tokens={self.exclude_sink_tokens}: must be >= 0"
             )
         if self.impl not in (*IMPLS, "auto"):
-            raise ValueError(f"selection.scoring.impl={self.impl}: choose one of {IMPLS} or auto")
+            raise ConfigError(f"selection.scoring.impl={self.impl}: choose one of {IMPLS} or auto")
         if self.dtype not in (*DTYPES, "auto"):
-            raise ValueError(f"selection.scoring.dtype={self.dtype}: choose one of {DTYPES} or auto")
+            raise ConfigError(f"selection.scoring.dtype={self.dtype}: choose one of {DTYPES} or auto")
         if self.min_distance is not None and self.min_distance < 1:
-            raise ValueError(f"selection.scoring.min_distance={self.min_distance}: must be >= 1 or null")
+            raise ConfigError(f"selection.scoring.min_distance={self.min_distance}: must be >= 1 or null")
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
@@ -96,7 +97,7 @@ class LongAttnScorer:
             config, heads = self.stack.config, self.stack.heads
         self.bos = config.bos_token_id
         if opts.prepend_bos and self.bos is None:
-            raise ValueError(
+            raise ConfigError(
                 f"model {setup.model} has no bos_token_id; set selection.scoring.prepend_bos=false"
             )
         self.columns = ["ds", "variance"]

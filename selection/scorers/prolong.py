@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from common.errors import ConfigError
 from selection.scorers.registry import SCORERS, ScorerSetup, resolve_dtype, typed_options, window_rng
 
 NO_PAIR = float("inf")
@@ -44,9 +45,9 @@ class ProLongOptions:
 
     def __post_init__(self) -> None:
         if self.few_pairs not in ("authors", "all"):
-            raise ValueError(f"selection.scoring.few_pairs={self.few_pairs}: choose authors or all")
+            raise ConfigError(f"selection.scoring.few_pairs={self.few_pairs}: choose authors or all")
         if self.impl not in ("batched", "reference"):
-            raise ValueError(f"selection.scoring.impl={self.impl}: choose batched or reference")
+            raise ConfigError(f"selection.scoring.impl={self.impl}: choose batched or reference")
 
 
 def dependency_entropy(raw_deltas: Sequence[float]) -> float:

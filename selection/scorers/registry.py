@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from common.errors import ConfigError
 from common.registry import Registry
 
 
@@ -59,7 +60,7 @@ def typed_options(cls, options: dict[str, Any], method: str):
     """`selection.scoring` as the scorer's dataclass; unknown keys are named, not ignored."""
     unknown = set(options) - set(cls.__dataclass_fields__)
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"selection.scoring: unknown key(s) {sorted(unknown)} for {method}; "
             f"known: {sorted(cls.__dataclass_fields__)}"
         )
@@ -76,7 +77,7 @@ def resolve_dtype(name: str, device: str, cuda_default: str = "bfloat16"):
     if name == "auto":
         name = cuda_default if torch.device(device).type == "cuda" else "float32"
     if name not in DTYPES:
-        raise ValueError(f"selection.scoring.dtype={name}: choose one of {DTYPES} or auto")
+        raise ConfigError(f"selection.scoring.dtype={name}: choose one of {DTYPES} or auto")
     return getattr(torch, name)
 
 

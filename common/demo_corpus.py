@@ -17,7 +17,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from selection.corpus import READERS, RawRecords, SourceSpec
+from common.corpus import READERS, RawRecords, SourceSpec
 
 log = logging.getLogger(__name__)
 

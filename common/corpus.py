@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.errors import UserError
 from common.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ BAD_RECORD_POLICIES = ("error", "skip")
 MAX_EXAMPLES = 5
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError, ValueError):
     """Bad corpus input; the message names the file, the record and the config key to change."""
 
 
@@ -310,4 +311,4 @@ def iter_documents(
 
 
 # The demo readers register themselves on import; keep them available wherever formats are validated.
-from selection import demo_corpus  # noqa: E402,F401
+from common import demo_corpus  # noqa: E402,F401
