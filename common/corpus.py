@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,15 +234,20 @@ def source_signature(spec: SourceSpec) -> list[Any]:
     return sig
 
 
-def _raw_records(spec: SourceSpec) -> RawRecords:
+def source_units(spec: SourceSpec) -> list[tuple[Path | None, str]]:
+    """The (path, format) units a source is read in: each file of a path source, or the whole source
+    (Hub dataset, demo text) as one unit with no path. Prepare resumes at this granularity."""
     if spec.path is None:
         fmt = spec.format if spec.format != "auto" else ("hub" if spec.hub else "auto")
         if fmt == "auto":
             raise CorpusError("data.sources[*]: give a path, a hub id, or a format")
-        yield from READERS.get(fmt)(spec, None)
-        return
-    for path, fmt in expand_source_files(spec):
-        yield from READERS.get(fmt)(spec, path)
+        return [(None, fmt)]
+    return expand_source_files(spec)
+
+
+def read_unit(spec: SourceSpec, path: Path | None, fmt: str) -> RawRecords:
+    """The raw records of one unit, bad ones included as BadRecord values (see `validated_documents`)."""
+    return READERS.get(fmt)(spec, path)
 
 
 @dataclass
@@ -254,6 +259,14 @@ class CorpusStats:
     bad_records: Counter = field(default_factory=Counter)
     bad_by_reason: Counter = field(default_factory=Counter)
     bad_examples: list[str] = field(default_factory=list)
+
+    def add_manifest(self, other: dict[str, Any]) -> None:
+        """Add the counts of another `as_manifest()` (a resumable chunk's), keeping the first examples."""
+        self.documents.update(other["documents"])
+        self.duplicates.update(other["duplicate_documents"])
+        self.bad_records.update(other["bad_records"])
+        self.bad_by_reason.update(other["bad_records_by_reason"])
+        self.bad_examples += other["bad_record_examples"][: MAX_EXAMPLES - len(self.bad_examples)]
 
     def as_manifest(self) -> dict[str, Any]:
         return {
@@ -269,45 +282,59 @@ def _reason_kind(reason: str) -> str:
     return reason.split(" (")[0]
 
 
+def check_bad_record_policy(on_bad_record: str) -> None:
+    if on_bad_record not in BAD_RECORD_POLICIES:
+        raise CorpusError(f"data.on_bad_record={on_bad_record}: use one of {BAD_RECORD_POLICIES}")
+
+
+def validated_documents(
+    records: Iterable[tuple[Any, str]],
+    spec: SourceSpec,
+    on_bad_record: str,
+    stats: CorpusStats,
+    seen_in_domain: set[str],
+) -> Iterator[dict[str, str]]:
+    """The valid documents among `records` as {domain, source_id, text}; a bad record stops the run naming
+    it, or is counted by reason (`on_bad_record`); an exact duplicate of a document already in
+    `seen_in_domain` is counted and skipped. `source_id` hashes the text, so ids do not depend on file
+    paths or reading order."""
+    for text, location in records:
+        problem = text if isinstance(text, BadRecord) else None
+        if problem is None and not isinstance(text, str):
+            problem = BadRecord(location, f"field '{spec.text_field}' is a {type(text).__name__}, not text")
+        if problem is None and not text.strip():
+            problem = BadRecord(location, "empty text")
+        if problem is not None:
+            if on_bad_record == "error":
+                raise CorpusError(
+                    f"{problem}. Fix the record, or set data.on_bad_record=skip to skip and count bad records."
+                )
+            stats.bad_records[spec.domain] += 1
+            stats.bad_by_reason[_reason_kind(problem.reason)] += 1
+            if len(stats.bad_examples) < MAX_EXAMPLES:
+                stats.bad_examples.append(str(problem))
+            continue
+        source_id = hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+        if source_id in seen_in_domain:
+            stats.duplicates[spec.domain] += 1
+            continue
+        seen_in_domain.add(source_id)
+        stats.documents[spec.domain] += 1
+        yield {"domain": spec.domain, "source_id": source_id, "text": text}
+
+
 def iter_documents(
     specs: list[SourceSpec], on_bad_record: str, stats: CorpusStats
 ) -> Iterator[dict[str, str]]:
-    """Valid, de-duplicated documents as {domain, source_id, text}.
-
-    `source_id` hashes the text, so ids do not depend on file paths or reading order; an exact duplicate
-    of a document already read in the same domain is counted and skipped.
-    """
-    if on_bad_record not in BAD_RECORD_POLICIES:
-        raise CorpusError(f"data.on_bad_record={on_bad_record}: use one of {BAD_RECORD_POLICIES}")
+    """Valid, de-duplicated documents of all sources in order (duplicates are per domain)."""
+    check_bad_record_policy(on_bad_record)
     seen: dict[str, set[str]] = {}
     for spec in specs:
-        seen_in_domain = seen.setdefault(spec.domain, set())
-        for text, location in _raw_records(spec):
-            problem = text if isinstance(text, BadRecord) else None
-            if problem is None and not isinstance(text, str):
-                problem = BadRecord(
-                    location, f"field '{spec.text_field}' is a {type(text).__name__}, not text"
-                )
-            if problem is None and not text.strip():
-                problem = BadRecord(location, "empty text")
-            if problem is not None:
-                if on_bad_record == "error":
-                    raise CorpusError(
-                        f"{problem}. Fix the record, or set data.on_bad_record=skip to skip and "
-                        "count bad records."
-                    )
-                stats.bad_records[spec.domain] += 1
-                stats.bad_by_reason[_reason_kind(problem.reason)] += 1
-                if len(stats.bad_examples) < MAX_EXAMPLES:
-                    stats.bad_examples.append(str(problem))
-                continue
-            source_id = hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
-            if source_id in seen_in_domain:
-                stats.duplicates[spec.domain] += 1
-                continue
-            seen_in_domain.add(source_id)
-            stats.documents[spec.domain] += 1
-            yield {"domain": spec.domain, "source_id": source_id, "text": text}
+        for path, fmt in source_units(spec):
+            records = read_unit(spec, path, fmt)
+            yield from validated_documents(
+                records, spec, on_bad_record, stats, seen.setdefault(spec.domain, set())
+            )
 
 
 # The demo readers register themselves on import; keep them available wherever formats are validated.

@@ -14,7 +14,15 @@ from common.errors import ConfigError
 from common.stage import StageContext, StageNotImplementedError
 
 # Keys that change how fast a stage runs, never what it writes: left out of every fingerprint.
-NON_RESULT_KEYS = ("num_proc", "num_workers", "shard_rows", "flush_every", "progress", "log_every")
+NON_RESULT_KEYS = (
+    "num_proc",
+    "num_workers",
+    "shard_rows",
+    "part_records",
+    "flush_every",
+    "progress",
+    "log_every",
+)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ text), `position` (window index within its document, by start offset), `n_tokens
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -18,12 +19,12 @@ from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from common.atomic import atomic_write
-from common.corpus import CorpusError, CorpusStats, SourceSpec, iter_documents, source_signature
+from common.corpus import CorpusError, CorpusStats, SourceSpec, check_bad_record_policy, source_signature
 from common.model_sources import load_tokenizer
 from common.stage import StageContext
+from selection.prepare_parts import PARTS_DIR, PartSummary, plan_units, run_units
 from selection.windows import window_id, window_starts
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ class PrepareConfig:
     """Tokenizer processes (datasets.map num_proc); does not change results."""
     shard_rows: int = 2000
     """Windows per Parquet shard; does not change results."""
+    part_records: int = 1000
+    """Raw records per resumable chunk of an input file (a killed run redoes at most one chunk); does not
+    change results."""
     tokenizer: str = "???"
 
     def __post_init__(self) -> None:
@@ -57,6 +61,8 @@ class PrepareConfig:
             raise CorpusError(f"data.window_size={self.window_size}: must be a positive number of tokens")
         if not self.sources:
             raise CorpusError("data.sources is empty: give at least one {path: ..., domain: ...}")
+        if self.part_records <= 0:
+            raise CorpusError(f"data.part_records={self.part_records}: must be a positive number of records")
         if self.max_windows_per_domain is not None and self.max_windows_per_domain <= 0:
             raise CorpusError(
                 f"data.max_windows_per_domain={self.max_windows_per_domain}: must be positive or null"
@@ -149,36 +155,11 @@ def _write_shards(windows, out_dir: Path, shard_rows: int) -> list[str]:
     return names
 
 
-def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
-    from datasets import Dataset, Features, Sequence, Value, disable_caching
-    from datasets.exceptions import DatasetGenerationError
+def window_features():
+    """The windows contract's columns (ARCHITECTURE.md), as datasets features."""
+    from datasets import Features, Sequence, Value
 
-    conf = PrepareConfig.from_cfg(cfg)
-    tokenizer = load_tokenizer(conf.tokenizer, ctx.cache_dir)
-    work = ctx.out_dir / "_work"
-    shutil.rmtree(work, ignore_errors=True)
-    for stale in ctx.out_dir.glob("windows-*.parquet"):
-        stale.unlink()
-    stats = CorpusStats()
-
-    def documents():
-        yield from tqdm(
-            iter_documents(conf.sources, conf.on_bad_record, stats), desc="reading corpus", unit="doc"
-        )
-
-    disable_caching()
-    try:
-        docs = Dataset.from_generator(
-            documents,
-            cache_dir=str(work / "docs"),
-            features=Features({k: Value("string") for k in ("domain", "source_id", "text")}),
-        )
-    except DatasetGenerationError as exc:  # datasets wraps our own errors; give the user the real one
-        if isinstance(exc.__cause__, CorpusError):
-            raise exc.__cause__ from None
-        raise
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    features = Features(
+    return Features(
         {
             "id": Value("string"),
             "domain": Value("string"),
@@ -189,35 +170,128 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
             "input_ids": Sequence(Value("int32")),
         }
     )
-    rows = docs.map(
-        cut_windows,
-        batched=True,
-        batch_size=16,
-        num_proc=conf.num_proc if conf.num_proc > 1 else None,
-        remove_columns=docs.column_names,
-        features=features,
-        desc="tokenizing + windowing",
-        fn_kwargs={"tokenizer": tokenizer, "window": conf.window_size, "keep_exact_fit": conf.keep_exact_fit},
-    )
 
-    meta = rows.select_columns(["id", "domain", "position", "n_tokens"]).to_dict()
-    doc_tokens, short_docs, windows_found = Counter(), Counter(), Counter()
-    window_rows = []
-    for i, (domain, position, n) in enumerate(zip(meta["domain"], meta["position"], meta["n_tokens"])):
-        if position == SUMMARY_POSITION:
-            doc_tokens[domain] += n
-            short_docs[domain] += n < conf.window_size or (n == conf.window_size and not conf.keep_exact_fit)
-        else:
-            windows_found[domain] += 1
-            window_rows.append(i)
-    ids = [meta["id"][i] for i in window_rows]
-    domains = [meta["domain"][i] for i in window_rows]
-    keep = sample_per_domain(ids, domains, conf.max_windows_per_domain, conf.seed)
-    windows = rows.select([window_rows[i] for i in keep]).flatten_indices()
-    kept = Counter(domains[i] for i in keep)
-    shards = _write_shards(windows, ctx.out_dir, conf.shard_rows)
+
+def chunk_tokenizer(conf: PrepareConfig, tokenizer, work: Path):
+    """The function that turns one chunk's documents into its saved windows (see prepare_parts)."""
+    from datasets import Dataset, Features, Value
+    from datasets.exceptions import DatasetGenerationError
+
+    features = window_features()
+
+    def tokenize_chunk(documents, out_dir: Path) -> dict[str, int]:
+        counts = {"document_tokens": 0, "short_documents": 0, "windows_found": 0}
+        documents = iter(documents)
+        first = next(documents, None)
+        if first is None:  # only duplicates or skipped bad records: datasets refuses an empty generator
+            return counts
+        cache = work / out_dir.name
+        shutil.rmtree(cache, ignore_errors=True)
+        try:
+            docs = Dataset.from_generator(
+                lambda: itertools.chain([first], documents),
+                cache_dir=str(cache),
+                fingerprint=out_dir.name,  # hashing the generator would pickle the chunk's documents
+                features=Features({k: Value("string") for k in ("domain", "source_id", "text")}),
+            )
+        except DatasetGenerationError as exc:  # datasets wraps our own errors; give the user the real one
+            if isinstance(exc.__cause__, CorpusError):
+                raise exc.__cause__ from None
+            raise
+        if len(docs):
+            rows = docs.map(
+                cut_windows,
+                batched=True,
+                batch_size=16,
+                num_proc=conf.num_proc if conf.num_proc > 1 and len(docs) > 1 else None,
+                remove_columns=docs.column_names,
+                features=features,
+                new_fingerprint=f"{out_dir.name}-windows",
+                fn_kwargs={
+                    "tokenizer": tokenizer,
+                    "window": conf.window_size,
+                    "keep_exact_fit": conf.keep_exact_fit,
+                },
+            )
+            positions, lengths = rows["position"], rows["n_tokens"]
+            windows = [i for i, position in enumerate(positions) if position != SUMMARY_POSITION]
+            for position, n in zip(positions, lengths):
+                if position == SUMMARY_POSITION:
+                    counts["document_tokens"] += n
+                    counts["short_documents"] += n < conf.window_size or (
+                        n == conf.window_size and not conf.keep_exact_fit
+                    )
+            counts["windows_found"] = len(windows)
+            if windows:
+                tmp = out_dir.with_name(out_dir.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                rows.select(windows).save_to_disk(str(tmp))
+                os.replace(tmp, out_dir)
+        shutil.rmtree(cache, ignore_errors=True)
+        return counts
+
+    return tokenize_chunk
+
+
+def merge_windows(parts_dir: Path, names: list[str], conf: PrepareConfig, work: Path):
+    """All finished chunks' windows, sampled per domain and sorted by id (the order no chunking changes)."""
+    from datasets import Dataset, concatenate_datasets, load_from_disk
+
+    parts = [load_from_disk(str(parts_dir / name)) for name in names]
+    if not parts:
+        features = window_features()
+        return Dataset.from_dict({k: [] for k in features}, features=features)
+    rows = concatenate_datasets(parts)
+    meta = rows.select_columns(["id", "domain"]).to_dict()
+    keep = sample_per_domain(meta["id"], meta["domain"], conf.max_windows_per_domain, conf.seed)
+    work.mkdir(parents=True, exist_ok=True)
+    return rows.select(keep).flatten_indices(cache_file_name=str(work / "windows.arrow"))
+
+
+def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
+    from datasets import disable_caching
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar
+
+    conf = PrepareConfig.from_cfg(cfg)
+    check_bad_record_policy(conf.on_bad_record)
+    tokenizer = load_tokenizer(conf.tokenizer, ctx.cache_dir)
+    work, parts_dir = ctx.out_dir / "_work", ctx.out_dir / PARTS_DIR
     shutil.rmtree(work, ignore_errors=True)
+    for stale in ctx.out_dir.glob("windows-*.parquet"):
+        stale.unlink()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    disable_caching()
+    disable_progress_bar()  # one bar over the whole corpus instead of datasets' bars per chunk
+    try:
+        done, reused = run_units(
+            plan_units(conf.sources),
+            parts_dir,
+            conf.part_records,
+            conf.on_bad_record,
+            chunk_tokenizer(conf, tokenizer, work),
+        )
+        if reused:
+            log.info("prepare: resumed; %d of %d chunks were already finished", reused, len(done))
+        windows = merge_windows(parts_dir, [n for n, s in done if s.windows_found], conf, work)
+        shards = _write_shards(windows, ctx.out_dir, conf.shard_rows)
+    finally:
+        enable_progress_bar()
+    manifest = summarize(done, windows["domain"], conf)
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    return {**manifest, "shards": shards}
 
+
+def summarize(done: list[tuple[str, PartSummary]], kept_domains: list[str], conf: PrepareConfig) -> dict:
+    """The manifest numbers, summed over the chunks in order (bad-record examples: the first ones read)."""
+    stats = CorpusStats()
+    doc_tokens, short_docs, windows_found = Counter(), Counter(), Counter()
+    for _, part in done:
+        stats.add_manifest(part.stats)
+        doc_tokens[part.domain] += part.document_tokens
+        short_docs[part.domain] += part.short_documents
+        windows_found[part.domain] += part.windows_found
+    kept = Counter(kept_domains)
     per_domain = {
         d: {
             "documents": stats.documents[d],
@@ -244,8 +318,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     return {
         "window_size": conf.window_size,
         "tokenizer": conf.tokenizer,
-        "windows": len(windows),
+        "windows": sum(kept.values()),
         "per_domain": per_domain,
-        "shards": shards,
         **{k: v for k, v in stats.as_manifest().items() if k != "documents"},
     }

@@ -203,3 +203,74 @@ def test_run_py_entrypoint_writes_artifacts_json(tmp_path):
     assert "windows of 256 tokens" in proc.stderr + proc.stdout
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert "reused artifact" in again.stderr + again.stdout
+
+
+def multi_file_corpus(root: Path) -> Path:
+    """Three JSONL files; file c repeats a document of file a (a duplicate across chunks and files) and
+    holds a bad record, so resuming must carry the duplicate filter and the bad-record counts over."""
+    root.mkdir()
+    sentence = "Resumable preparation keeps finished chunks and redoes only what was lost. "
+    texts = {name: [f"{name}{i} " + sentence * (4 + 3 * i) for i in range(5)] for name in "abc"}
+    texts["c"][2] = texts["a"][1]
+    for name, docs in texts.items():
+        write_jsonl(root / f"{name}.jsonl", docs, ['{"text": ""}'] if name == "c" else [])
+    return root
+
+
+def test_prepare_resumes_after_a_crash_with_the_same_artifact(make_cfg, tmp_path, monkeypatch):
+    import selection.prepare_parts as parts
+
+    corpus = multi_file_corpus(tmp_path / "corpus")
+    overrides = [*jsonl_overrides(corpus, 32, "data.part_records=2", "data.on_bad_record=skip")]
+    whole_dir, whole = prepared(make_cfg(*overrides, root=tmp_path / "whole"))
+
+    real_run_chunk, calls = parts._run_chunk, []
+
+    def crash_after_three(*args, **kwargs):
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        calls.append(args[3].name)
+        return real_run_chunk(*args, **kwargs)
+
+    monkeypatch.setattr(parts, "_run_chunk", crash_after_three)
+    cfg = make_cfg(*overrides, root=tmp_path / "resumed")
+    with pytest.raises(RuntimeError, match="killed"):
+        prepared(cfg)
+    out_dir = tmp_path / "resumed" / "artifacts" / "prepare" / whole_dir.name
+    assert sorted(p.name for p in (out_dir / "parts").glob("*.json")) == [f"{c}.json" for c in calls]
+    assert not (out_dir / "manifest.json").exists()
+
+    calls.clear()
+    monkeypatch.setattr(
+        parts, "_run_chunk", lambda *a, **k: calls.append(a[3].name) or real_run_chunk(*a, **k)
+    )
+    resumed_dir, resumed = prepared(cfg)
+    # 3 files x 3 chunks (5 or 6 records in chunks of 2): the 3 finished chunks are not tokenized again
+    assert len(calls) == 9 - 3 and calls[0] == "s000-f00001-c00000"
+    shards = sorted(p.name for p in whole_dir.glob("windows-*.parquet"))
+    assert shards and shards == sorted(p.name for p in resumed_dir.glob("windows-*.parquet"))
+    for name in shards:
+        assert (whole_dir / name).read_bytes() == (resumed_dir / name).read_bytes()
+    timing = ("seconds", "completed_at", "inputs", "config")
+    assert {k: v for k, v in whole.items() if k not in timing} == {
+        k: v for k, v in resumed.items() if k not in timing
+    }
+    assert whole["duplicate_documents"] == {"book": 1} and whole["bad_records"] == {"book": 1}
+    assert whole["per_domain"]["book"]["documents"] == 14
+    assert not (resumed_dir / "parts").exists()
+
+
+def test_chunking_does_not_change_the_artifact(make_cfg, tmp_path):
+    corpus = multi_file_corpus(tmp_path / "corpus")
+    runs = [
+        prepared(
+            make_cfg(
+                *jsonl_overrides(corpus, 32, f"data.part_records={n}", "data.on_bad_record=skip"),
+                root=tmp_path / str(n),
+            )
+        )
+        for n in (1, 1000)
+    ]
+    (a, _), (b, _) = runs
+    assert a.name == b.name  # part_records is a speed key: same fingerprint
+    assert read_windows(a) == read_windows(b) and len(read_windows(a)) > 10
