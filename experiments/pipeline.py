@@ -16,6 +16,7 @@ from common.distributed import rank_info, wait_until
 from common.errors import MissingInputError
 from common.stage import StageContext
 from common.tracking import Tracker, make_tracker
+from common.versions import stack_versions
 from experiments.stages import STAGES, validate_stages
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ def run_stage(
             "seconds": round(time.time() - started, 3),
             "inputs": {k: str(v.path) for k, v in inputs.items()},
             "config": spec.resolved_config(cfg),
+            "versions": stack_versions(),
         }
     )
     tracker.log_metrics(flatten_numbers(manifest, name))
@@ -89,7 +91,9 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     fps = stage_fingerprints(cfg, requested)
     main = rank_info().is_main
     logger_cfg = cfg.get("logger") if main else None  # log from rank 0 only
-    tracker = make_tracker(logger_cfg, str(run_dir), OmegaConf.to_container(cfg, resolve=True))
+    tracker = make_tracker(
+        logger_cfg, str(run_dir), {**OmegaConf.to_container(cfg, resolve=True), "versions": stack_versions()}
+    )
     index: dict[str, str] = {}
     manifests: dict[str, Any] = {}
     try:

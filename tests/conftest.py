@@ -30,9 +30,12 @@ REPO = Path(__file__).resolve().parent.parent
 RUN_ENV_KEYS = ("LONGATTN_RUN_DIR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python run.py *args` from the repository root, as a user types it; fails the test on a non-zero
-    exit with the tail of its output. `env` adds to (or overrides) a copy of this environment."""
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: int = 600, returncode: int = 0
+) -> subprocess.CompletedProcess:
+    """`python run.py *args` from the repository root, as a user types it; fails the test on another exit
+    status than `returncode`, with the tail of its output. `env` adds to (or overrides) a copy of this
+    environment."""
     child = {k: v for k, v in os.environ.items() if k not in RUN_ENV_KEYS}
     child.update(OMP_NUM_THREADS="1", **(env or {}))
     done = subprocess.run(
@@ -43,7 +46,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -
         text=True,
         timeout=timeout,
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == returncode, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
 

@@ -80,7 +80,8 @@ class Table:
 
 def init(**kw):
     with open(os.environ["FAKE_WANDB_LOG"], "a") as f:
-        f.write(json.dumps({k: v for k, v in kw.items() if k in ("group", "project", "mode")}) + "\\n")
+        seen = {k: v for k, v in kw.items() if k in ("group", "project", "mode")}
+        f.write(json.dumps({**seen, "versions": kw["config"].get("versions")}) + "\\n")
     return types.SimpleNamespace(
         config=types.SimpleNamespace(update=lambda *a, **k: None),
         log=lambda *a, **k: None,
@@ -92,6 +93,8 @@ def init(**kw):
 
 
 def test_members_of_a_multirun_log_to_one_wandb_group_named_after_the_sweep(tmp_path):
+    """...and the software stack that ran is in the W&B config and in every manifest."""
+    import importlib.metadata
     import json
 
     (tmp_path / "fake" / "wandb").mkdir(parents=True)
@@ -112,3 +115,9 @@ def test_members_of_a_multirun_log_to_one_wandb_group_named_after_the_sweep(tmp_
     inits = [json.loads(line) for line in log.read_text().splitlines()]
     assert [i["group"] for i in inits] == ["sweep-ablation", "sweep-ablation"]
     assert {i["mode"] for i in inits} == {"offline"}
+    installed = {name: importlib.metadata.version(name) for name in ("torch", "transformers", "datasets")}
+    manifests = sorted((tmp_path / "artifacts" / "prepare").glob("*/manifest.json"))
+    recorded = [i["versions"] for i in inits] + [json.loads(m.read_text())["versions"] for m in manifests]
+    assert len(recorded) == 4  # two W&B inits, two prepare artifacts (max_windows 2 and 3)
+    for versions in recorded:
+        assert {k: versions[k] for k in installed} == installed and versions["python"]
