@@ -73,3 +73,26 @@ def test_slurm_launcher_config_composes():
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert launcher.gpus_per_node == 8 and launcher.tasks_per_node == 1 and launcher.nodes == 1
+
+
+@pytest.mark.parametrize("names", [("python3",), ("python3", "python3.11")])
+def test_makefile_picks_python311_else_python3_and_says_which(tmp_path, names):
+    """A fresh machine with only `python3` (3.12 on current Ubuntu) must not be refused."""
+    import shutil
+    import subprocess
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in names:
+        (bin_dir / name).symlink_to(sys.executable)
+    make = shutil.which("make")
+    done = subprocess.run(
+        [make, "-n", "-B", "install", f"VENV={tmp_path / 'venv'}"],
+        cwd=Path(__file__).resolve().parent.parent,
+        env={"PATH": str(bin_dir)},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f'echo "using {bin_dir / names[-1]} (' in done.stdout
