@@ -125,6 +125,14 @@ STAGES: dict[str, StageSpec] = {
             ignored=("batch_size", "device", "backend", "tensor_parallel_size"),
         ),
         StageSpec(
+            "evaluate_base",
+            (),
+            ("evaluation", "model.name_or_path"),
+            "evaluation.stage:run_base",
+            # the same evaluation on the untrained model.name_or_path (evaluation.model does not apply)
+            ignored=("batch_size", "device", "backend", "tensor_parallel_size", "model"),
+        ),
+        StageSpec(
             "report",
             ("evaluate",),
             ("report",),
