@@ -88,6 +88,19 @@ def check_lengths(conf: dict[str, Any]) -> None:
             )
 
 
+def check_generation_budgets(tasks: dict[str, list[dict[str, Any]]], max_length: int) -> None:
+    """A task whose generation budget fills the window leaves no room for its prompt (lm-eval would stop
+    with an assertion after the model has loaded)."""
+    for suite, configs in tasks.items():
+        for config in configs:
+            budget = int((config.get("generation_kwargs") or {}).get("max_gen_toks", 0))
+            if budget >= max_length:
+                raise ConfigError(
+                    f"evaluation.max_length={max_length}: task {config.get('task')} ({suite}) generates up to "
+                    f"{budget} tokens, leaving no room for its prompt; raise evaluation.max_length"
+                )
+
+
 def protocol(record: dict[str, Any]) -> dict[str, Any]:
     """What a suite measured, for the report: samples per task, shots per task, prompts truncated."""
     return {
@@ -117,6 +130,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
         for name in suites
     }
     tasks = {name: SUITES.get(name).tasks(contexts[name]) for name in suites}  # data checks before loading
+    check_generation_budgets(tasks, int(conf["max_length"]))
     import lm_eval
 
     summary: dict[str, Any] = {

@@ -225,6 +225,12 @@ def test_lengths_above_max_length_are_refused_at_start(make_cfg, monkeypatch):
             ConfigError, match=rf"evaluation.{key}.lengths=\[8192\] exceeds evaluation.max_length=4096"
         ):
             run_pipeline(cfg)
+    humaneval = {"task": "humaneval", "generation_kwargs": {"max_gen_toks": 1024}}
+    stage.check_generation_budgets({"short": [humaneval]}, 1025)
+    with pytest.raises(
+        ConfigError, match=r"evaluation.max_length=1024: task humaneval \(short\) generates up to 1024"
+    ):
+        stage.check_generation_budgets({"short": [humaneval]}, 1024)
 
 
 def test_longbench_local_files_replace_the_hub(tmp_path):
@@ -573,83 +579,6 @@ def test_a_local_model_directory_changing_in_place_changes_the_evaluate_fingerpr
     (model / "model.safetensors").write_bytes(b"new weights")
     os.utime(model / "config.json", (1, 1))
     assert stage_fingerprints(cfg, ["evaluate"])["evaluate"] != before
-
-
-@pytest.mark.slow
-def test_short_suites_from_local_files_give_table3(make_cfg, tmp_path):
-    """MMLU (one subject), HellaSwag and OpenBookQA from local files in their Hub schemas, through
-    lm-eval's own task YAMLs; MMLU is the size-weighted mean of the subjects present."""
-    from experiments.pipeline import run_pipeline
-
-    data = tmp_path / "short"
-
-    def write(path: Path, rows: list[dict]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-    write(
-        data / "hellaswag" / "validation.jsonl",
-        [
-            {
-                "ind": i,
-                "activity_label": "Cooking",
-                "ctx_a": "A man slices bread.",
-                "ctx_b": "he",
-                "ctx": "A man slices bread. he",
-                "endings": ["eats it.", "flies.", "sings.", "melts."],
-                "source_id": "x",
-                "split": "val",
-                "split_type": "indomain",
-                "label": "0",
-            }
-            for i in range(3)
-        ],
-    )
-    write(
-        data / "openbookqa" / "test.jsonl",
-        [
-            {
-                "id": str(i),
-                "question_stem": "The sun is",
-                "choices": {"text": ["hot", "cold", "blue", "wet"], "label": ["A", "B", "C", "D"]},
-                "answerKey": "A",
-            }
-            for i in range(2)
-        ],
-    )
-    write(
-        data / "mmlu" / "anatomy" / "test.jsonl",
-        [
-            {
-                "question": "Which organ pumps blood?",
-                "subject": "anatomy",
-                "choices": ["heart", "lung", "skin", "bone"],
-                "answer": 0,
-            }
-        ]
-        * 4,
-    )
-    cfg = make_cfg(
-        "debug=tiny",
-        "stages=[evaluate]",
-        "evaluation.model=tiny_llama",
-        "evaluation.suites=[short]",
-        f"evaluation.short.data_dir={data}",
-    )
-    manifest = run_pipeline(cfg)["evaluate"]
-    table3 = manifest["suites"]["short"]["table3"]
-    for column in ("MMLU", "HellaSwag", "OBQA"):
-        assert 0.0 <= table3[column] <= 100.0
-    assert table3["HumanEval"] is None and table3["Avg"] is None  # humaneval not asked for
-    out = Path(json.loads((Path(cfg.paths.output_dir) / "artifacts.json").read_text())["evaluate"])
-    assert len(sample_rows(out, "mmlu_anatomy")) == 4
-    # a task without its evaluated split names the file it wanted
-    from evaluation.suites import SUITES, EvaluationDataError, SuiteContext
-
-    with pytest.raises(EvaluationDataError, match=r"no .*openbookqa/test.jsonl .*task openbookqa"):
-        SUITES.get("short").tasks(
-            SuiteContext({"tasks": ["openbookqa"], "data_dir": str(tmp_path)}, None, "m", tmp_path, 0)
-        )
 
 
 def test_sample_rows_tell_a_task_from_one_whose_name_extends_it(tmp_path):
