@@ -437,6 +437,7 @@ def cache_hub_dataset(cache: Path, repo_id: str, rows: dict[str, list]) -> None:
     import pyarrow.parquet as pq
     from datasets.packaged_modules.parquet.parquet import Parquet
 
+    cache.mkdir(parents=True, exist_ok=True)
     source = cache / "source.parquet"
     pq.write_table(pa.table(rows), source)
     name = repo_id.split("/")[1]

@@ -216,6 +216,53 @@ def test_run_tables_read_the_longest_ruler_length():
     assert tables["table3"] == {"MMLU": 60.0} and "table2" not in tables
 
 
+def test_released_model_experiment_composes_the_paper_protocol(make_cfg):
+    cfg = make_cfg("experiment=released_longattn_8b")
+    assert list(cfg.stages) == ["evaluate", "report"] and cfg.evaluation.model == "Lyun0912/LongAttn"
+    assert cfg.evaluation.max_length == 32768 and list(cfg.evaluation.ruler.lengths) == [32768]
+    assert cfg.evaluation.ruler.tasks is None and cfg.evaluation.ruler.samples == 500
+    assert cfg.evaluation.niah.haystack == "paul_graham" and cfg.evaluation.short.tasks.mmlu.num_fewshot == 5
+    assert set(cfg.evaluation.short.tasks) == {"mmlu", "hellaswag", "openbookqa", "humaneval"}
+    assert dict(cfg.report.published_as) == {
+        "label": "released LongAttn-8B (Lyun0912/LongAttn)",
+        "method": "LongAttn-70",
+        "tokens": "5B",
+    }
+
+
+@pytest.mark.slow
+def test_released_model_is_reported_beside_the_papers_longattn70_5b_rows(make_cfg, tmp_path):
+    """Wiring, offline: a local stand-in directory (tiny_llama saved to disk) instead of the Hub model,
+    RULER's first NIAH task at 1,024 tokens; the report puts it beside LongAttn-70 5B, labelled."""
+    import shutil
+
+    from common.model_sources import resolve_model_path
+    from experiments.pipeline import run_pipeline
+
+    stand_in = tmp_path / "LongAttn"
+    shutil.copytree(resolve_model_path("tiny_llama"), stand_in)
+    cfg = make_cfg(
+        "experiment=released_longattn_8b",
+        f"evaluation.model={stand_in}",
+        "evaluation.max_length=1024",
+        "evaluation.suites=[ruler]",
+        "evaluation.ruler.tasks=[niah_single_1]",
+        "evaluation.ruler.lengths=[1024]",
+        "evaluation.ruler.samples=1",
+    )
+    run_pipeline(cfg)
+    index = json.loads((Path(cfg.paths.output_dir) / "artifacts.json").read_text())
+    assert set(index) == {"evaluate", "report"}
+    report = (Path(index["report"]) / "report.md").read_text()
+    table1 = (Path(index["report"]) / "table1.csv").read_text().splitlines()
+    assert table1[1].startswith('5B,released LongAttn-8B (Lyun0912/LongAttn),ours,"1,024",1,0,')
+    assert table1[2].startswith(
+        '5B,LongAttn-70,paper,"32,768",-,-,100.0,100.0,83.8,92.8,84.8,46.8,78.8,95.2,85.2'
+    )
+    assert table1[3].startswith('5B,LongAttn-70,"ours - paper (at 1,024, not 32,768 tokens)",,,,')
+    assert f"model `{stand_in}`" in report and "Table 11" in report
+
+
 @pytest.mark.slow
 def test_every_experiment_runs_end_to_end_in_one_tiny_sweep(tmp_path):
     """`-m experiment=glob(*)` with debug=tiny: every config composes and runs prepare..report; members
@@ -223,7 +270,7 @@ def test_every_experiment_runs_end_to_end_in_one_tiny_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     done = run_cli(
         "-m",
-        "experiment=glob(*)",
+        "experiment=glob(*,exclude=released_*)",
         "debug=tiny",
         f"paths.root_dir={tmp_path}",
         f"hydra.sweep.dir={sweep}",
@@ -233,7 +280,10 @@ def test_every_experiment_runs_end_to_end_in_one_tiny_sweep(tmp_path):
     assert len(members) == len(EXPERIMENTS)
     for member in members:
         index = json.loads((member / "artifacts.json").read_text())
-        assert set(index) == {"prepare", "score", "select", "train", "evaluate", "report"}, member
+        stages = {"prepare", "score", "select", "train", "evaluate", "report"}
+        if member == members[EXPERIMENTS.index("demo")]:
+            stages.add("evaluate_base")  # the demo's before/after
+        assert set(index) == stages, member
         assert (Path(index["report"]) / "report.md").is_file()
     # scoring runs once per distinct scorer config, not once per experiment
     scores = {json.loads((m / "artifacts.json").read_text())["score"] for m in members}
@@ -243,12 +293,14 @@ def test_every_experiment_runs_end_to_end_in_one_tiny_sweep(tmp_path):
     )  # demo LongAttn, LongAttn (theta 2.5e6: 8B/70B/ablations on tiny), Random, ProLong, LADM
     assert len(selects) == 7  # alpha=1 and w/o DU_T select differently from the same scores
     assert "score: reused artifact" in done.stdout + done.stderr
-    # the demo's report: its own numbers, n/a for the paper's columns
+    # the demo's report: the trained and the untrained model, the paper's LongAttn-8 rows as references
     demo = members[EXPERIMENTS.index("demo")]
     demo_report = (
         Path(json.loads((demo / "artifacts.json").read_text())["report"]) / "report.md"
     ).read_text()
-    assert "| ours |" in demo_report and "| paper | n/a" in demo_report
+    assert "| 8,192 | LongAttn (tiny_llama) | ours | 1,024 |" in demo_report
+    assert "| 0 | tiny_llama (untrained) | ours | 1,024 |" in demo_report
+    assert "| 1B | LongAttn-8 | paper (reference, not this run's row) | 32,768 |" in demo_report
     # one report over the whole sweep
     run_cli(
         "debug=tiny",
@@ -261,4 +313,6 @@ def test_every_experiment_runs_end_to_end_in_one_tiny_sweep(tmp_path):
     text = (Path(index["report"]) / "report.md").read_text()
     for label in ("Random", "ProLong", "LADM", "w/o DU_T", "alpha=1"):
         assert label in text
-    assert (Path(index["report"]) / "table1.csv").read_text().count("\n") == 1 + 3 * len(EXPERIMENTS)
+    # three rows per trained model (ours, paper, ours - paper; the demo: ours and a reference), and the
+    # demo's base model (ours, paper n/a, ours - paper)
+    assert (Path(index["report"]) / "table1.csv").read_text().count("\n") == 1 + 3 * len(EXPERIMENTS) - 1 + 3
