@@ -53,6 +53,8 @@ class RunResult:
     'min-max'), `truncated` (prompts cut to fit)."""
     measured: str = ""
     """One line saying what was evaluated and how (model, suites, lengths, shots)."""
+    niah_grid: dict[str, float] = field(default_factory=dict)
+    """NIAH retrieval per cell, '<length>@<depth>' -> 0..1 (results.json suites.niah.grid)."""
 
 
 def tokens_label(budget_tokens: float | None) -> str:
@@ -107,13 +109,17 @@ def reference_method(method: str, tokens: str) -> str:
 def paper_row(
     name: str, run: RunResult, published: Mapping[str, Mapping[tuple[str, str], Mapping[str, float]]]
 ) -> tuple[tuple[str, str] | None, bool]:
-    """((tokens, method) of the published row to show, whether it is the run's own row) or (None, False)."""
+    """((tokens, method) of the published row to show, whether it is the run's own row) or (None, False).
+    Without its own row, a run is shown beside its method's row at the smallest published budget (or,
+    failing that, the row of the method it is compared with, `reference_method`)."""
     rows = published.get(name, {})
     if (run.tokens, run.method) in rows:
         return (run.tokens, run.method), True
-    method = reference_method(run.method, run.tokens)
-    budgets = sorted((t for t, m in rows if m == method), key=_tokens_value)
-    return ((budgets[0], method), False) if budgets else (None, False)
+    for method in (run.method, reference_method(run.method, run.tokens)):
+        budgets = sorted((t for t, m in rows if m == method), key=_tokens_value)
+        if budgets:
+            return (budgets[0], method), False
+    return None, False
 
 
 def _tokens_value(tokens: str) -> float:
@@ -208,7 +214,8 @@ def table_rows(
     published: Mapping[str, Mapping[tuple[str, str], Mapping[str, float]]],
 ) -> list[list[str]]:
     """Header + for every run that has this table: its row (with what it measured), the published row
-    (its own, or the same method's as a labelled reference), and ours - published for its own row."""
+    (its own, or the same method's as a labelled reference; none if the paper has no such method), and
+    ours - published for its own row."""
     columns = TABLES[name][1]
     rows = [["tokens", "method", "source", *PROTOCOL_COLUMNS, *columns]]
     for run in runs:
@@ -219,7 +226,9 @@ def table_rows(
         paper = published.get(name, {}).get(key) if key else None
         cells = _protocol_cells(name, run.protocol.get(name))
         rows.append([run.tokens, run.label, "ours", *cells, *(_fmt(ours.get(c)) for c in columns)])
-        if paper is not None and not own:
+        if paper is None:  # the paper has no row for this method in this table
+            continue
+        if not own:
             tokens, method = key
             rows.append(
                 [tokens, method, "paper (reference, not this run's row)", *_paper_cells(name)]
@@ -227,13 +236,7 @@ def table_rows(
             )
             continue
         rows.append(
-            [
-                run.tokens,
-                run.method,
-                "paper",
-                *_paper_cells(name),
-                *(_fmt(paper.get(c)) if paper else NA for c in columns),
-            ]
+            [run.tokens, run.method, "paper", *_paper_cells(name), *(_fmt(paper.get(c)) for c in columns)]
         )
         length = (run.protocol.get(name) or {}).get("length")
         source = "ours - paper"
@@ -241,7 +244,7 @@ def table_rows(
             source += f" (at {int(length):,}, not {PAPER_LENGTH:,} tokens)"
         diffs = []
         for c in columns:
-            a, b = ours.get(c), (paper or {}).get(c)
+            a, b = ours.get(c), paper.get(c)
             diffs.append(NA if a is None or b is None else f"{a - b:+.1f}")
         rows.append([run.tokens, run.method, source, "", "", "", *diffs])
     return rows
@@ -278,6 +281,20 @@ def describe(evaluation: Mapping[str, Any]) -> str:
     truncated = evaluation.get("truncated_prompts")
     parts.append(f"{truncated if truncated is not None else NA} prompt(s) truncated")
     return "; ".join(parts)
+
+
+def niah_rows(runs: Sequence[RunResult]) -> list[list[str]]:
+    """Header + per run with a NIAH grid: retrieval (percent) per length, averaged over depths, and overall."""
+    lengths = sorted({int(k.split("@")[0]) for r in runs for k in r.niah_grid})
+    rows = [["model", *(f"{n:,}" for n in lengths), "mean"]]
+    for run in runs:
+        if not run.niah_grid:
+            continue
+        by_length = {n: [v for k, v in run.niah_grid.items() if int(k.split("@")[0]) == n] for n in lengths}
+        cells = [f"{100 * sum(v) / len(v):.0f}" if v else NA for v in by_length.values()]
+        everything = list(run.niah_grid.values())
+        rows.append([run.label, *cells, f"{100 * sum(everything) / len(everything):.0f}"])
+    return rows
 
 
 def load_notes(directory: Path = PUBLISHED_DIR) -> list[dict[str, str]]:

@@ -30,6 +30,7 @@ from experiments.paper_tables import (
     load_published,
     markdown,
     method_label,
+    niah_rows,
     notes_for,
     run_protocol,
     run_tables,
@@ -90,9 +91,9 @@ def collect(cfg: DictConfig) -> list[tuple[RunResult, dict[str, str]]]:
             label, method, tokens = run_label(config, stage)
             if cfg.report.get("sweep_dir"):
                 label = f"{label} ({run_dir.name})"
-            result = RunResult(
-                label, method, tokens, tables, length, run_protocol(results, length), describe(results)
-            )
+            grid = ((results.get("suites") or {}).get("niah") or {}).get("grid", {})
+            protocol = run_protocol(results, length)
+            result = RunResult(label, method, tokens, tables, length, protocol, describe(results), grid)
             own = {**index, "evaluate": index[stage]} if stage == "evaluate" else {"evaluate": index[stage]}
             runs.append((result, own))
     return runs
@@ -213,7 +214,11 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
             shutil.copyfile(source, out / name)
             heatmaps.append(f"### {run_result.label}\n\n![]({name})\n")
     if heatmaps:
-        sections.append("## Needle in a haystack\n\n" + "\n".join(heatmaps))
+        summary = markdown(niah_rows(runs))
+        sections.append(
+            "## Needle in a haystack\n\nRetrieval (%) per context length, averaged over the needle depths "
+            f"(the paper shows this test as a heatmap only).\n\n{summary}\n" + "\n".join(heatmaps)
+        )
     atomic_write_text(out / "report.md", "\n".join(sections))
     log.info("report: %d run(s), tables %s -> %s", len(runs), sorted(written), out / "report.md")
     return {"runs": [r.label for r in runs], "tables": written}
