@@ -110,14 +110,10 @@ def protocol(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
-    conf = OmegaConf.to_container(cfg.evaluation, resolve=True)
-    suites = list(conf["suites"])
-    check_lengths(conf)
-    model = model_under_test(cfg, ctx)
+def _suite_contexts(conf: dict[str, Any], model: str, ctx: StageContext) -> dict[str, SuiteContext]:
     model_path = resolve_model_path(model, ctx.cache_dir)
     tokenizer = load_tokenizer(model, ctx.cache_dir)
-    contexts = {
+    return {
         name: SuiteContext(
             conf.get(name) or {},
             tokenizer,
@@ -127,8 +123,29 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
             Path(ctx.cache_dir),
             int(conf["max_length"]),
         )
-        for name in suites
+        for name in conf["suites"]
     }
+
+
+def _load(model: str, ctx: StageContext, conf: dict[str, Any]) -> Any:
+    return load_lm(
+        model,
+        ctx.cache_dir,
+        conf.get("backend", "hf"),
+        int(conf["max_length"]),
+        int(conf.get("batch_size", 1)),
+        conf.get("device", "auto"),
+        conf.get("dtype", "auto"),
+        int(conf.get("tensor_parallel_size", 1)),
+    )
+
+
+def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
+    conf = OmegaConf.to_container(cfg.evaluation, resolve=True)
+    suites = list(conf["suites"])
+    check_lengths(conf)
+    model = model_under_test(cfg, ctx)
+    contexts = _suite_contexts(conf, model, ctx)
     tasks = {name: SUITES.get(name).tasks(contexts[name]) for name in suites}  # data checks before loading
     check_generation_budgets(tasks, int(conf["max_length"]))
     import lm_eval
@@ -151,16 +168,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
             record = json.loads(record_path.read_text(encoding="utf-8"))
         else:
             if lm is None:
-                lm = load_lm(
-                    model,
-                    ctx.cache_dir,
-                    conf.get("backend", "hf"),
-                    int(conf["max_length"]),
-                    int(conf.get("batch_size", 1)),
-                    conf.get("device", "auto"),
-                    conf.get("dtype", "auto"),
-                    int(conf.get("tensor_parallel_size", 1)),
-                )
+                lm = _load(model, ctx, conf)
             record = _run_suite(name, tasks[name], contexts[name], lm, model, ctx.out_dir, conf)
             atomic_write_json(record_path, record)
         scores[name] = record["scores"]
