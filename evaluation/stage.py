@@ -121,7 +121,6 @@ def _suite_contexts(conf: dict[str, Any], model: str, ctx: StageContext) -> dict
             ctx.out_dir,
             int(conf.get("seed", 1234)),
             Path(ctx.cache_dir),
-            int(conf["max_length"]),
         )
         for name in conf["suites"]
     }

@@ -90,8 +90,6 @@ class SuiteContext:
     seed: int
     cache_dir: Path | None = None
     """Downloads and derived data shared by runs (paths.cache_dir); None = the default cache."""
-    max_length: int | None = None
-    """evaluation.max_length: the model's window, prompt + generation."""
 
 
 @dataclass
