@@ -1,14 +1,21 @@
-"""Needle in a haystack over a length x depth grid: samples, scoring, the heatmap and its CSV.
+"""Needle in a haystack over a length x depth grid: haystacks, samples, scoring, the heatmap and its CSV,
+and the `niah` evaluation suite.
 
 A needle ("The special magic number for <key> is: <7 digits>.") is inserted at a sentence boundary at
 depth d (0 % = first sentence, 100 % = after the last) of a haystack filled to the context length; the
 model is asked for the number. The prompt is budgeted with the model's tokenizer so prompt + generation
 fits the length exactly: nothing is truncated, so the needle is always in what the model sees.
+
+Haystacks (`evaluation.niah.haystack`): `paul_graham` (the essays RULER and Kamradt's test use, from the
+Hub dataset lm-eval's RULER reads), `python_docs` (the demo corpus's English documentation, offline),
+`repeat` (RULER's five repeated sentences: a near-trivial test), or `haystack_path` (a .txt file or a
+directory of .txt files read in name order, as Kamradt's PaulGrahamEssays/).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import random
 import re
 from collections import defaultdict
@@ -16,8 +23,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from common.errors import UserError
+from common.atomic import atomic_write_text
+from common.errors import ConfigError, UserError
+from evaluation.tasks import SUITES, Suite, SuiteContext, require_hub_dataset, score_of
 
+ESSAYS_DATASET = "baber/paul_graham_essays"  # lm-eval's RULER essay haystack (prepare_niah.get_haystack)
+HAYSTACKS = ("paul_graham", "python_docs", "repeat")
 # RULER's "repeat" haystack: needs no data.
 REPEAT_HAYSTACK = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 KEYS = ["apple", "river", "copper", "lantern", "meadow", "falcon", "violet", "harbor", "ember", "quartz"]
@@ -33,16 +44,39 @@ class NiahError(UserError, ValueError):
     """A NIAH setting that cannot build its prompts (haystack file, lengths); names the key."""
 
 
-def haystack_sentences(path: str | None) -> list[str]:
-    """Sentences of a local text file (`evaluation.niah.haystack_path`), or the repeat haystack."""
-    if path is None:
-        return _split(REPEAT_HAYSTACK)
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise NiahError(f"evaluation.niah.haystack_path={path}: no such file")
-    sentences = _split(file.read_text(encoding="utf-8", errors="replace"))
+def haystack_text(source: str, path: str | None = None) -> str:
+    """The haystack's text: `path` (a file, or a directory of .txt files in name order) or a named source."""
+    if path:
+        where = Path(path).expanduser()
+        if where.is_dir():
+            files = sorted(where.glob("*.txt"))
+            if not files:
+                raise NiahError(f"evaluation.niah.haystack_path={path}: no .txt file in the directory")
+            return "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+        if not where.is_file():
+            raise NiahError(f"evaluation.niah.haystack_path={path}: no such file or directory")
+        return where.read_text(encoding="utf-8", errors="replace")
+    if source == "repeat":
+        return REPEAT_HAYSTACK
+    if source == "python_docs":
+        from common.corpus import SourceSpec
+        from common.demo_corpus import read_python_docs
+
+        spec = SourceSpec(domain="docs", format="python_docs", options={"modules": []})
+        return "\n\n".join(text for text, _ in read_python_docs(spec))  # the language-reference topics
+    if source == "paul_graham":
+        import datasets
+
+        require_hub_dataset(ESSAYS_DATASET, None, "niah", "evaluation.niah.haystack_path")
+        return " ".join(datasets.load_dataset(ESSAYS_DATASET, split="train")["text"])
+    raise ConfigError(f"evaluation.niah.haystack={source}: choose one of {HAYSTACKS} (or set haystack_path)")
+
+
+def haystack_sentences(source: str = "repeat", path: str | None = None) -> list[str]:
+    """The haystack cut into sentences (the needle goes between two of them)."""
+    sentences = _split(haystack_text(source, path))
     if not sentences:
-        raise NiahError(f"evaluation.niah.haystack_path={path}: the file has no text")
+        raise NiahError(f"evaluation.niah.haystack_path={path}: the haystack has no text")
     return sentences
 
 
@@ -89,10 +123,9 @@ def make_samples(
     depths: Iterable[float],
     per_cell: int,
     max_gen_toks: int,
-    haystack_path: str | None,
+    sentences: list[str],
     seed: int,
 ) -> list[dict[str, Any]]:
-    sentences = haystack_sentences(haystack_path)
     rng = random.Random(seed)
     return [
         make_sample(tokenizer, sentences, int(length), float(depth), max_gen_toks, rng)
@@ -149,3 +182,68 @@ def write_heatmap(path: Path, grid: Mapping[tuple[int, float], float], title: st
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ---- the suite ----------------------------------------------------------------------------------------
+
+
+def niah_tasks(ctx: SuiteContext) -> list[dict[str, Any]]:
+    haystack = str(ctx.conf.get("haystack") or "repeat")
+    if haystack not in HAYSTACKS:
+        raise ConfigError(f"evaluation.niah.haystack={haystack}: choose one of {HAYSTACKS}")
+    samples = make_samples(
+        ctx.tokenizer,
+        ctx.conf["lengths"],
+        ctx.conf["depths"],
+        int(ctx.conf.get("samples_per_cell", 1)),
+        int(ctx.conf.get("max_gen_toks", 16)),
+        haystack_sentences(haystack, ctx.conf.get("haystack_path")),
+        ctx.seed,
+    )
+    path = ctx.out_dir / "niah_samples.jsonl"
+    atomic_write_text(path, "".join(json.dumps(s) + "\n" for s in samples))
+    return [
+        {
+            "task": "niah_grid",
+            "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(path)}},
+            "test_split": "test",
+            "output_type": "generate_until",
+            "doc_to_text": "{{input}}",
+            "doc_to_target": "{{answer}}",
+            "target_delimiter": " ",
+            "generation_kwargs": {
+                "until": ["\n"],
+                "max_gen_toks": int(ctx.conf.get("max_gen_toks", 16)),
+                "do_sample": False,
+            },
+            "process_results": needle_retrieved,
+            "metric_list": [{"metric": "retrieval", "aggregation": "mean", "higher_is_better": True}],
+            "metadata": {"version": 1.0},
+        }
+    ]
+
+
+def niah_summary(
+    ctx: SuiteContext, results: Mapping[str, Any], samples: Mapping[str, list], configs: Mapping[str, Any]
+) -> dict[str, Any]:
+    grid = grid_scores(samples.get("niah_grid", []))
+    write_grid_csv(ctx.out_dir / "niah_grid.csv", grid)
+    write_heatmap(ctx.out_dir / "niah_heatmap.png", grid, "Needle in a haystack: retrieval")
+    return {
+        "retrieval": score_of(results, "niah_grid", "retrieval"),
+        "grid": {f"{length}@{depth:g}": score for (length, depth), score in grid.items()},
+        "haystack": ctx.conf.get("haystack_path") or ctx.conf.get("haystack") or "repeat",
+        "files": ["niah_grid.csv", "niah_heatmap.png"],
+    }
+
+
+SUITES.register("niah")(
+    Suite(
+        niah_tasks,
+        niah_summary,
+        limit=lambda ctx: None,
+        lengths=lambda conf: [int(n) for n in conf.get("lengths") or []],
+        length_key="evaluation.niah.lengths",
+    )
+)

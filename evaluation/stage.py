@@ -4,20 +4,20 @@ used, and lm-eval's own files (EvaluationTracker: aggregated results with the lm
 and task hashes, and every sample per task) under `lm_eval/<suite>/`.
 
 The model is `evaluation.model` (HF directory, Hub id or embedded name) or, when that is null, the
-train stage's `model/` directory.
+train stage's `model/` directory. The `evaluate_base` stage runs the same evaluation on the model training
+started from (`model.name_or_path`): the paper's untrained-base row, and the demo's "before".
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from common.atomic import atomic_write_json
 from common.errors import ConfigError
@@ -75,15 +75,45 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: getattr(o, "__name__", repr(o))))
 
 
-def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
-    conf = OmegaConf.to_container(cfg.evaluation, resolve=True)
-    suites = list(conf["suites"])
-    for name in suites:
-        SUITES.get(name)  # unknown names fail before the model loads
-    model = model_under_test(cfg, ctx)
+def check_lengths(conf: dict[str, Any]) -> None:
+    """Every length a suite builds must fit the model's window, or its prompts would be cut in the middle
+    (a needle at ~50 % depth lost) without anyone asking for it."""
+    max_length = int(conf["max_length"])
+    for name in conf["suites"]:
+        suite = SUITES.get(name)  # unknown names fail before the model loads
+        if too_long := [n for n in suite.lengths(conf.get(name) or {}) if n > max_length]:
+            raise ConfigError(
+                f"{suite.length_key}={too_long} exceeds evaluation.max_length={max_length} (prompt + generation): "
+                f"lower {suite.length_key} or raise evaluation.max_length to at least {max(too_long)}"
+            )
+
+
+def check_generation_budgets(tasks: dict[str, list[dict[str, Any]]], max_length: int) -> None:
+    """A task whose generation budget fills the window leaves no room for its prompt (lm-eval would stop
+    with an assertion after the model has loaded)."""
+    for suite, configs in tasks.items():
+        for config in configs:
+            budget = int((config.get("generation_kwargs") or {}).get("max_gen_toks", 0))
+            if budget >= max_length:
+                raise ConfigError(
+                    f"evaluation.max_length={max_length}: task {config.get('task')} ({suite}) generates up to "
+                    f"{budget} tokens, leaving no room for its prompt; raise evaluation.max_length"
+                )
+
+
+def protocol(record: dict[str, Any]) -> dict[str, Any]:
+    """What a suite measured, for the report: samples per task, shots per task, prompts truncated."""
+    return {
+        "samples": record.get("samples", {}),
+        "num_fewshot": record.get("num_fewshot", {}),
+        "truncated_prompts": record["truncated_prompts"],
+    }
+
+
+def _suite_contexts(conf: dict[str, Any], model: str, ctx: StageContext) -> dict[str, SuiteContext]:
     model_path = resolve_model_path(model, ctx.cache_dir)
     tokenizer = load_tokenizer(model, ctx.cache_dir)
-    contexts = {
+    return {
         name: SuiteContext(
             conf.get(name) or {},
             tokenizer,
@@ -92,14 +122,40 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
             int(conf.get("seed", 1234)),
             Path(ctx.cache_dir),
         )
-        for name in suites
+        for name in conf["suites"]
     }
+
+
+def _load(model: str, ctx: StageContext, conf: dict[str, Any]) -> Any:
+    return load_lm(
+        model,
+        ctx.cache_dir,
+        conf.get("backend", "hf"),
+        int(conf["max_length"]),
+        int(conf.get("batch_size", 1)),
+        conf.get("device", "auto"),
+        conf.get("dtype", "auto"),
+        int(conf.get("tensor_parallel_size", 1)),
+    )
+
+
+def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
+    conf = OmegaConf.to_container(cfg.evaluation, resolve=True)
+    suites = list(conf["suites"])
+    check_lengths(conf)
+    model = model_under_test(cfg, ctx)
+    contexts = _suite_contexts(conf, model, ctx)
     tasks = {name: SUITES.get(name).tasks(contexts[name]) for name in suites}  # data checks before loading
-    if "short" in suites and conf.get("short", {}).get("allow_code_eval"):
-        os.environ["HF_ALLOW_CODE_EVAL"] = "1"
+    check_generation_budgets(tasks, int(conf["max_length"]))
     import lm_eval
 
-    summary: dict[str, Any] = {"model": model, "lm_eval_version": lm_eval.__version__, "suites": {}}
+    summary: dict[str, Any] = {
+        "model": model,
+        "lm_eval_version": lm_eval.__version__,
+        "max_length": int(conf["max_length"]),
+        "suites": {},
+        "protocol": {},
+    }
     scores: dict[str, dict[str, float]] = {}
     configs: dict[str, Any] = {}
     truncated = 0
@@ -111,20 +167,12 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
             record = json.loads(record_path.read_text(encoding="utf-8"))
         else:
             if lm is None:
-                lm = load_lm(
-                    model,
-                    ctx.cache_dir,
-                    conf.get("backend", "hf"),
-                    int(conf["max_length"]),
-                    int(conf.get("batch_size", 1)),
-                    conf.get("device", "auto"),
-                    conf.get("dtype", "auto"),
-                    int(conf.get("tensor_parallel_size", 1)),
-                )
+                lm = _load(model, ctx, conf)
             record = _run_suite(name, tasks[name], contexts[name], lm, model, ctx.out_dir, conf)
             atomic_write_json(record_path, record)
         scores[name] = record["scores"]
         summary["suites"][name] = record["summary"]
+        summary["protocol"][name] = protocol(record)
         configs[name] = record["configs"]
         truncated += record["truncated_prompts"]
         ctx.tracker.log_metrics({f"evaluate/{name}/{k}": v for k, v in scores[name].items()})
@@ -162,7 +210,7 @@ def _run_suite(
         use_cache=str(out_dir / REQUEST_CACHE_DIR / name),
         tasks=tasks,
         limit=SUITES.get(name).limit(suite_ctx),
-        num_fewshot=suite_ctx.conf.get("num_fewshot"),
+        num_fewshot=None,  # each task's own (short: evaluation.short.tasks.<task>.num_fewshot)
         log_samples=True,
         task_manager=task_manager(),
         confirm_run_unsafe_code=bool(suite_ctx.conf.get("allow_code_eval", False)),
@@ -170,6 +218,7 @@ def _run_suite(
     )
     results = out["results"]
     samples = out.pop("samples", {})
+    configs = out.get("configs", {})
     record = {
         "scores": {
             f"{task}/{key.split(',')[0]}": float(value)
@@ -180,8 +229,10 @@ def _run_suite(
             and key != "sample_len"
             and not (key.split(",")[0].isdigit() and value == -1)  # RULER: -1 = no samples at that length
         },
-        "summary": SUITES.get(name).summarize(suite_ctx, results, samples),
-        "configs": _jsonable(out.get("configs", {})),
+        "summary": SUITES.get(name).summarize(suite_ctx, results, samples, configs),
+        "configs": _jsonable(configs),
+        "samples": {task: len(rows) for task, rows in samples.items()},
+        "num_fewshot": {task: int(n) for task, n in (out.get("n-shot") or {}).items() if task in samples},
         # prompts cut to fit, among those generated in this process (replayed responses are not re-cut)
         "truncated_prompts": getattr(lm, "truncated_prompts", 0) - truncated_before,
     }
@@ -197,6 +248,22 @@ def fingerprint_extras(cfg: DictConfig) -> list[list[Any]]:
         return []
     files = sorted(p for p in Path(str(model)).expanduser().iterdir() if p.is_file())
     return [[p.name, p.stat().st_size, p.stat().st_mtime] for p in files]
+
+
+def base_model(cfg: DictConfig) -> str:
+    """The model training starts from, evaluated as it is by `evaluate_base`."""
+    name = cfg.model.get("name_or_path") if cfg.get("model") else None
+    if not name:
+        raise ConfigError("stage evaluate_base evaluates model.name_or_path, which is not set")
+    return str(name)
+
+
+def run_base(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
+    """The evaluate stage on the untrained base model, with the same evaluation settings."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.evaluation.model = base_model(cfg)
+    return run(cfg, ctx)
 
 
 def stage_inputs(cfg: DictConfig) -> tuple[str, ...]:

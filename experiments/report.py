@@ -25,9 +25,14 @@ from experiments.paper_tables import (
     RunResult,
     base_model_label,
     csv_text,
+    describe,
+    load_notes,
     load_published,
     markdown,
     method_label,
+    niah_rows,
+    notes_for,
+    run_protocol,
     run_tables,
     table_rows,
     tokens_label,
@@ -53,26 +58,44 @@ def _run_config(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+def run_label(config: dict[str, Any], stage: str) -> tuple[str, str, str]:
+    """(label, method, tokens) of one evaluate artifact of a run, as the paper names its rows."""
+    if stage == "evaluate_base":  # the untrained model training starts from: the paper's base row
+        method = base_model_label(str((config.get("model") or {}).get("name_or_path")))
+        return f"{method} (untrained)", method, "0"
+    published_as = (config.get("report") or {}).get("published_as")
+    if published_as:  # a released model, compared with the paper's row for it
+        return str(published_as["label"]), str(published_as["method"]), str(published_as["tokens"])
+    evaluated = (config.get("evaluation") or {}).get("model")
+    if evaluated:  # a model evaluated as it is (e.g. the base model): no selection, no training tokens
+        method = base_model_label(str(evaluated))
+        return method, method, "0"
+    budget = (config.get("training") or {}).get("budget_tokens")
+    method = method_label(config.get("selection") or {})
+    return method, method, tokens_label(float(budget) if budget is not None else None)
+
+
 def collect(cfg: DictConfig) -> list[tuple[RunResult, dict[str, str]]]:
-    """Every evaluated run: its RunResult and its artifact index."""
+    """Every evaluated model of every run (its trained model, and its base model when `evaluate_base`
+    ran): a RunResult and the run's artifact index (with `evaluate` pointing at that evaluation)."""
     runs = []
     for run_dir in run_dirs(cfg):
         index = json.loads((run_dir / "artifacts.json").read_text())
-        if "evaluate" not in index:
+        stages = [s for s in ("evaluate_base", "evaluate") if s in index]
+        if not stages:
             log.info("report: %s has no evaluate artifact; skipped", run_dir)
-            continue
-        results = json.loads((Path(index["evaluate"]) / "results.json").read_text())
         config = _run_config(run_dir, cfg)
-        tables, length = run_tables(results)
-        evaluated = (config.get("evaluation") or {}).get("model")
-        if evaluated:  # a model evaluated as it is (e.g. the base model): no selection, no training tokens
-            method, tokens = base_model_label(str(evaluated)), "0"
-        else:
-            budget = (config.get("training") or {}).get("budget_tokens")
-            method = method_label(config.get("selection") or {})
-            tokens = tokens_label(float(budget) if budget is not None else None)
-        label = f"{method} ({run_dir.name})" if cfg.report.get("sweep_dir") else method
-        runs.append((RunResult(label, method, tokens, tables, length), index))
+        for stage in stages:
+            results = json.loads((Path(index[stage]) / "results.json").read_text())
+            tables, length = run_tables(results)
+            label, method, tokens = run_label(config, stage)
+            if cfg.report.get("sweep_dir"):
+                label = f"{label} ({run_dir.name})"
+            grid = ((results.get("suites") or {}).get("niah") or {}).get("grid", {})
+            protocol = run_protocol(results, length)
+            result = RunResult(label, method, tokens, tables, length, protocol, describe(results), grid)
+            own = {**index, "evaluate": index[stage]} if stage == "evaluate" else {"evaluate": index[stage]}
+            runs.append((result, own))
     return runs
 
 
@@ -83,9 +106,10 @@ def fingerprint_extras(cfg: DictConfig) -> list[Any]:
     out = []
     for run_dir in run_dirs(cfg):
         index = json.loads((run_dir / "artifacts.json").read_text())
-        if "evaluate" in index:
-            results = Path(index["evaluate"]) / "results.json"
-            out.append([str(results), results.stat().st_mtime if results.is_file() else None])
+        for stage in ("evaluate_base", "evaluate"):
+            if stage in index:
+                results = Path(index[stage]) / "results.json"
+                out.append([str(results), results.stat().st_mtime if results.is_file() else None])
     return out
 
 
@@ -152,15 +176,21 @@ def plot_score_distributions(path: Path, runs: list[tuple[RunResult, dict[str, s
 def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     published_dir = Path(cfg.report.get("published_dir") or PUBLISHED_DIR)
     published = load_published(published_dir)
+    notes = load_notes(published_dir)
     collected = collect(cfg)
     runs = [r for r, _ in collected]
     out = ctx.out_dir
     sections = [
         "# LongAttn reproduction report\n",
-        f"Runs: {len(runs)}. Published numbers: `{published_dir}` (arXiv 2502.16860). For each run, the row "
-        "`ours`, the paper's row for the same method and training tokens, and `ours - paper`; `n/a` where "
-        "the paper has no such row or the run did not evaluate that column. RULER columns come from the "
-        "longest length each run evaluated (the paper: 32768).\n",
+        f"Evaluated models: {len(runs)}. Published numbers: `{published_dir}` (arXiv 2502.16860). For each "
+        "model, the row `ours` with what it measured (`length`: RULER's length, LongBench's window; "
+        "`samples/task`; `truncated`: prompts cut to fit the window), then the paper's row for the same "
+        "method and training tokens and `ours - paper`. Where the paper has no such row (another model or "
+        "token budget, as in the demo) the paper's row for the same method is shown as a labelled "
+        "reference, without a difference: the numbers are not comparable, only indicative. RULER columns "
+        "come from the longest length each run evaluated; the paper evaluated at 32,768 tokens, and a "
+        "difference at another length says so.\n",
+        "## What was evaluated\n\n" + "".join(f"- **{r.label}**: {r.measured}\n" for r in runs),
     ]
     written: dict[str, int] = {}
     for name, (caption, _) in TABLES.items():
@@ -168,7 +198,8 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
         if len(rows) == 1:
             continue
         atomic_write_text(out / f"{name}.csv", csv_text(rows))
-        sections.append(f"## {caption}\n\n{markdown(rows)}")
+        remarks = "".join(f"\n> {line}\n" for line in notes_for(name, rows, notes))
+        sections.append(f"## {caption}\n\n{markdown(rows)}{remarks}")
         written[name] = len(rows) - 1
         ctx.tracker.log_table(f"report/{name}", rows[0], rows[1:])  # the W&B summary table
     plot_ruler_vs_tokens(out / "ruler_vs_tokens.png", runs, published)
@@ -183,12 +214,19 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
             shutil.copyfile(source, out / name)
             heatmaps.append(f"### {run_result.label}\n\n![]({name})\n")
     if heatmaps:
-        sections.append("## Needle in a haystack\n\n" + "\n".join(heatmaps))
+        summary = markdown(niah_rows(runs))
+        sections.append(
+            "## Needle in a haystack\n\nRetrieval (%) per context length, averaged over the needle depths "
+            f"(the paper shows this test as a heatmap only).\n\n{summary}\n" + "\n".join(heatmaps)
+        )
     atomic_write_text(out / "report.md", "\n".join(sections))
     log.info("report: %d run(s), tables %s -> %s", len(runs), sorted(written), out / "report.md")
     return {"runs": [r.label for r in runs], "tables": written}
 
 
 def stage_inputs(cfg: DictConfig) -> tuple[str, ...]:
-    """One run: after its evaluate stage. A sweep: reads the members' artifacts, needs nothing upstream."""
-    return () if cfg.report.get("sweep_dir") else ("evaluate",)
+    """One run: after its evaluate stage (and evaluate_base when the run has it). A sweep: reads the
+    members' artifacts, needs nothing upstream."""
+    if cfg.report.get("sweep_dir"):
+        return ()
+    return ("evaluate", "evaluate_base") if "evaluate_base" in cfg.stages else ("evaluate",)

@@ -131,6 +131,15 @@ STAGES: dict[str, StageSpec] = {
             # evaluation.model set: any HF dir / Hub id, no train artifact needed
             inputs_for="evaluation.stage:stage_inputs",
             ignored=("batch_size", "device", "backend", "tensor_parallel_size"),
+            version=2,  # results.json: protocol per suite; official LongBench prompts and scoring
+        ),
+        StageSpec(
+            "evaluate_base",
+            (),
+            ("evaluation", "model.name_or_path"),
+            "evaluation.stage:run_base",
+            # the same evaluation on the untrained model.name_or_path (evaluation.model does not apply)
+            ignored=("batch_size", "device", "backend", "tensor_parallel_size", "model"),
         ),
         StageSpec(
             "report",
@@ -139,6 +148,7 @@ STAGES: dict[str, StageSpec] = {
             "experiments.report:run",
             extras="experiments.report:fingerprint_extras",
             inputs_for="experiments.report:stage_inputs",
+            version=2,  # rows say what they measured; references; base-model rows
         ),
     )
 }

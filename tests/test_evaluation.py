@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from common.errors import ConfigError
 from evaluation import columns, niah
 from evaluation.stage import sample_rows
 from evaluation.truncation import truncate_middle
@@ -85,20 +86,55 @@ def test_hflm_truncates_over_long_prompts_in_the_middle(smollm2_tokenizer):
     lm.tokenizer = smollm2_tokenizer
     lm.backend = "causal"
     lm.add_bos_token = False
-    lm.truncated_prompts = 0
     head, tail = "INSTRUCTION: answer briefly.", "QUESTION: what is the code?"
     prompt = head + " filler" * 300 + " " + tail
     ids, mask = lm.tok_batch_encode([prompt, "short"], left_truncate_len=64)
-    assert ids.shape == (2, 64) and lm.truncated_prompts == 1
+    assert ids.shape == (2, 64)
     text = smollm2_tokenizer.decode(ids[0][mask[0].bool()])
     assert text.startswith(head) and text.endswith(tail)
     assert int(mask[1].sum()) == len(smollm2_tokenizer("short")["input_ids"]) and mask[1, 0] == 0  # left pad
     assert torch.equal(ids[1][mask[1].bool()], torch.tensor(smollm2_tokenizer("short")["input_ids"]))
 
 
+def test_truncated_prompts_are_counted_by_one_rule_for_hf_and_vllm(smollm2_tokenizer):
+    """The count every backend reports: prompt tokens + the request's generation budget over max_length,
+    taken before the backend truncates. vLLM is not installed here: its class is built by the same
+    `counting` factory over a stand-in with VLLM's interface (tok_encode, max_length, max_gen_toks)."""
+    from lm_eval.api.instance import Instance
+
+    from evaluation.backend import CountsTruncation, counting, middle_truncating_hflm, prompts_over_budget
+
+    assert prompts_over_budget([10, 11, 12], [2, 2, 2], 12) == 2
+    assert issubclass(middle_truncating_hflm(), CountsTruncation)
+
+    class StandInVLLM:
+        max_length, max_gen_toks = 64, 16
+
+        def tok_encode(self, text):
+            return smollm2_tokenizer(text)["input_ids"]
+
+        def generate_until(self, requests, disable_tqdm=False):
+            return ["ok"] * len(requests)
+
+    def request(text, **gen):
+        return Instance("generate_until", {}, (text, {"until": [], **gen}), 0)
+
+    lm = counting(StandInVLLM)()
+    fits = "word " * 40  # 40 tokens + 16 <= 64
+    over_default = "word " * 50  # 50 + 16 > 64
+    over_own = "word " * 40  # 40 + 30 > 64 with its own budget
+    assert (
+        lm.generate_until([request(fits), request(over_default), request(over_own, max_gen_toks=30)])
+        == ["ok"] * 3
+    )
+    assert lm.truncated_prompts == 2
+    lm.generate_until([request(over_default)])
+    assert lm.truncated_prompts == 3
+
+
 def test_niah_samples_fill_the_budget_and_hold_the_needle(smollm2_tokenizer):
     rng = random.Random(0)
-    sentences = niah.haystack_sentences(None)
+    sentences = niah.haystack_sentences("repeat")
     for length, depth in [(256, 0.0), (512, 50.0), (512, 100.0)]:
         s = niah.make_sample(smollm2_tokenizer, sentences, length, depth, max_gen_toks=16, rng=rng)
         assert s["prompt_tokens"] == len(smollm2_tokenizer(s["input"])["input_ids"])
@@ -112,11 +148,29 @@ def test_niah_samples_fill_the_budget_and_hold_the_needle(smollm2_tokenizer):
         niah.make_sample(smollm2_tokenizer, sentences, 40, 50.0, max_gen_toks=16, rng=rng)
 
 
-def test_niah_haystack_file_errors(tmp_path):
+def test_niah_haystacks_files_directories_and_the_demo_docs(tmp_path, smollm2_tokenizer):
     with pytest.raises(niah.NiahError, match="no such file"):
-        niah.haystack_sentences(str(tmp_path / "missing.txt"))
+        niah.haystack_sentences(path=str(tmp_path / "missing.txt"))
     (tmp_path / "h.txt").write_text("One. Two! Three?")
-    assert niah.haystack_sentences(str(tmp_path / "h.txt")) == ["One.", "Two!", "Three?"]
+    assert niah.haystack_sentences(path=str(tmp_path / "h.txt")) == ["One.", "Two!", "Three?"]
+    essays = tmp_path / "essays"  # a directory of .txt files, read in name order (Kamradt's layout)
+    essays.mkdir()
+    (essays / "b.txt").write_text("Second essay.")
+    (essays / "a.txt").write_text("First essay. It ends.")
+    (essays / "notes.md").write_text("Not an essay.")
+    assert niah.haystack_sentences(path=str(essays)) == ["First essay.", "It ends.", "Second essay."]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(niah.NiahError, match="no .txt file"):
+        niah.haystack_sentences(path=str(tmp_path / "empty"))
+    # the demo's haystack: the documentation's natural text, not one sentence repeated
+    docs = niah.haystack_sentences("python_docs")
+    sample = niah.make_sample(smollm2_tokenizer, docs, 1024, 50.0, 16, random.Random(0))
+    context = sample["input"].split("\n")[1]
+    in_prompt = [s for s in docs[:200] if s in context]
+    assert len(in_prompt) > 20 and len(set(in_prompt)) == len(in_prompt)  # many distinct sentences
+    assert len(set(docs)) > 1000 and sample["prompt_tokens"] <= 1024 - 16
+    with pytest.raises(ConfigError, match="evaluation.niah.haystack=essays"):
+        niah.haystack_text("essays")
 
 
 def test_niah_scoring_grid_csv_and_heatmap(tmp_path):
@@ -146,12 +200,37 @@ def test_offline_suites_fail_at_once_naming_dataset_and_key(make_cfg, monkeypatc
         EvaluationDataError, match=r"Xnhyacinth/LongBench/hotpotqa.*evaluation.longbench.data_dir"
     ):
         SUITES.get("longbench").tasks(ctx)
-    with pytest.raises(EvaluationDataError, match=r"ruler_qa_squad.*evaluation.ruler.tasks"):
+    with pytest.raises(
+        EvaluationDataError, match=r"ruler_qa_squad.*evaluation.ruler.qa_data_dir.*evaluation.ruler.tasks"
+    ):
         SUITES.get("ruler").tasks(
             SuiteContext({"tasks": ["ruler_qa_squad"], "lengths": [4096]}, None, "m", tmp_path, 0)
         )
     with pytest.raises(EvaluationDataError, match="allow_code_eval=true"):
         SUITES.get("short").tasks(SuiteContext({"tasks": ["humaneval"]}, None, "m", tmp_path, 0))
+
+
+def test_lengths_above_max_length_are_refused_at_start(make_cfg, monkeypatch):
+    """A RULER or NIAH length over the window would have every prompt cut in the middle: refused before
+    the model loads, naming both keys."""
+    from evaluation import stage
+    from experiments.pipeline import run_pipeline
+
+    monkeypatch.setattr(stage, "load_lm", lambda *a, **k: pytest.fail("the model must not load"))
+    for key, lengths in (("ruler", "[2048,8192]"), ("niah", "[8192]")):
+        cfg = make_cfg(
+            "stages=[evaluate]", "evaluation.model=tiny_llama", f"evaluation.{key}.lengths={lengths}"
+        )
+        with pytest.raises(
+            ConfigError, match=rf"evaluation.{key}.lengths=\[8192\] exceeds evaluation.max_length=4096"
+        ):
+            run_pipeline(cfg)
+    humaneval = {"task": "humaneval", "generation_kwargs": {"max_gen_toks": 1024}}
+    stage.check_generation_budgets({"short": [humaneval]}, 1025)
+    with pytest.raises(
+        ConfigError, match=r"evaluation.max_length=1024: task humaneval \(short\) generates up to 1024"
+    ):
+        stage.check_generation_budgets({"short": [humaneval]}, 1024)
 
 
 def test_longbench_local_files_replace_the_hub(tmp_path):
@@ -285,17 +364,33 @@ def test_ruler_tasks_come_from_lm_eval_with_our_lengths_and_tokenizer(tmp_path):
         assert config["custom_dataset"].args[1] == 3  # samples per length, applied to lm-eval's generator
 
 
-def test_ruler_samples_are_taken_per_length():
+def test_ruler_samples_are_sized_with_their_gen_prefix(smollm2_dir, smollm2_tokenizer):
+    """lm-eval sends input + " " + gen_prefix, and RULER's NIAH/QA generators size only the input: a
+    length whose prompts overflow is generated again shorter by the overflow and keeps its label;
+    `samples` keeps the first samples of each length."""
     from datasets import Dataset
 
-    from evaluation.suites import first_per_length
+    from evaluation.ruler import prompt_tokens, sized_dataset
 
-    def make(**kwargs):
-        assert kwargs == {"max_seq_lengths": [1, 2]}
-        return {"test": Dataset.from_dict({"max_length": [1, 1, 1, 2, 2, 2], "i": list(range(6))})}
+    prefix = "The special magic number for apple mentioned in the provided text is"
+    asked = []
 
-    kept = first_per_length(make, 2, max_seq_lengths=[1, 2])["test"]
-    assert kept["i"] == [0, 1, 3, 4]
+    def make(max_seq_lengths, tokenizer):  # a generator that fills exactly max_seq_length - 10 tokens
+        [length] = max_seq_lengths
+        asked.append(length)
+        text = "a" + " a" * (length - 10 - 1)
+        return {
+            "test": Dataset.from_dict(
+                {"input": [text] * 3, "gen_prefix": [prefix] * 3, "max_length": [length] * 3}
+            )
+        }
+
+    data = sized_dataset(make, 2, 10, max_seq_lengths=[256, 512], tokenizer=str(smollm2_dir))["test"]
+    prefix_tokens = len(smollm2_tokenizer(" " + prefix)["input_ids"])
+    assert asked == [256, 256 - prefix_tokens, 512, 512 - prefix_tokens]
+    assert data["max_length"] == [256, 256, 512, 512]  # the metric key: the length asked for
+    for row in data:
+        assert prompt_tokens(smollm2_tokenizer, row) + 10 == row["max_length"]  # fills it, no overflow
 
 
 def test_punkt_tab_from_the_wheel_is_what_nltk_loads_and_splits_with(tmp_path, monkeypatch):
@@ -334,36 +429,99 @@ def test_punkt_tab_from_the_wheel_is_what_nltk_loads_and_splits_with(tmp_path, m
     assert nltk.sent_tokenize(text) == expected
 
 
-@pytest.mark.slow
-def test_ruler_essay_tasks_read_a_local_haystack(tmp_path, monkeypatch):
-    """Offline: the essay tasks run lm-eval's own generator over evaluation.ruler.haystack_path."""
-    from common.model_sources import resolve_model_path
-    from evaluation import suites
+def cache_hub_dataset(cache: Path, repo_id: str, rows: dict[str, list]) -> None:
+    """Leave `repo_id` in a datasets cache as an online load would (an Arrow copy per config/version/hash)."""
+    import shutil
 
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    words = [f"zebra{i % 97} walks slowly." for i in range(3000)]
-    (tmp_path / "essay.txt").write_text(" ".join(words))
-    ctx = suites.SuiteContext(
-        {
-            "tasks": ["niah_single_2"],
-            "lengths": [1024],
-            "samples": 2,
-            "haystack_path": str(tmp_path / "essay.txt"),
-        },
-        None,
-        resolve_model_path("tiny_llama"),
-        tmp_path,
-        0,
-        tmp_path / "cache",  # NLTK's punkt_tab is written here unless NLTK already has it
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    cache.mkdir(parents=True, exist_ok=True)
+    source = cache / "source.parquet"
+    pq.write_table(pa.table(rows), source)
+    name = repo_id.split("/")[1]
+    builder = Parquet(cache_dir=str(cache / "build"), dataset_name=name, data_files={"train": str(source)})
+    builder.download_and_prepare()
+    version, fingerprint = Path(builder.cache_dir).parts[-2:]
+    namespace = repo_id.split("/")[0]
+    shutil.copytree(builder.cache_dir, cache / f"{namespace}___{name}" / "default" / version / fingerprint)
+
+
+@pytest.mark.slow
+def test_all_13_ruler_tasks_offline_from_the_datasets_cache_and_local_qa_files(
+    make_cfg, tmp_path, monkeypatch
+):
+    """Offline, with the essays in the datasets cache and SQuAD / HotpotQA from local files, every RULER
+    task runs through lm-eval's own generators, so Table 11's QA and overall columns exist; every
+    prompt, with its gen_prefix, fits the length with its generation budget, so nothing is truncated."""
+    import datasets
+
+    from evaluation import ruler
+    from evaluation.suites import SUITES, EvaluationDataError, SuiteContext
+    from experiments.pipeline import run_pipeline
+
+    words = " ".join(
+        f"Essay {i} argues that the {w} matters." for i, w in enumerate(["garden", "river", "stone"] * 300)
     )
-    [config] = suites.SUITES.get("ruler").tasks(ctx)
-    rows = config["custom_dataset"](**config["metadata"])["test"]
-    assert len(rows) == 2 and set(rows["max_length"]) == {1024}
-    assert all("zebra" in text and "special magic number" in text for text in rows["input"])
-    with pytest.raises(suites.EvaluationDataError, match="no such file"):
-        suites.SUITES.get("ruler").tasks(
-            suites.SuiteContext(
-                {"tasks": ["niah_single_2"], "lengths": [1024], "haystack_path": "/nope"},
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    ctx = SuiteContext({"tasks": ["niah_single_2"], "lengths": [1024]}, None, "m", tmp_path, 0)
+    with pytest.raises(EvaluationDataError, match=r"niah_single_2.*baber/paul_graham_essays.*haystack_path"):
+        SUITES.get("ruler").tasks(ctx)  # offline, not cached: refused before the model loads
+    cache_hub_dataset(
+        tmp_path / "datasets",
+        "baber/paul_graham_essays",
+        {"text": [words[: len(words) // 2], words[len(words) // 2 :]]},
+    )
+    assert niah.haystack_sentences("paul_graham")[:2] == [
+        "Essay 0 argues that the garden matters.",
+        "Essay 1 argues that the river matters.",
+    ]
+
+    qa_dir = Path(__file__).parent / "fixtures" / "ruler_qa"
+    cfg = make_cfg(
+        "debug=tiny",
+        "stages=[evaluate]",
+        "evaluation.model=tiny_llama",
+        "evaluation.suites=[ruler]",
+        "evaluation.ruler.tasks=null",
+        "evaluation.ruler.lengths=[1024]",
+        "evaluation.ruler.samples=1",
+        f"evaluation.ruler.qa_data_dir={qa_dir}",
+    )
+    manifest = run_pipeline(cfg)["evaluate"]
+    at_1024 = manifest["suites"]["ruler"]["1024"]
+    assert set(at_1024["tasks"]) == set(columns.RULER_TASKS)
+    assert all(v is not None for v in at_1024["table11"].values())  # QA1, QA2, QA and the overall Avg
+    assert at_1024["table11"]["QA"] == pytest.approx(
+        (at_1024["tasks"]["ruler_qa_squad"] + at_1024["tasks"]["ruler_qa_hotpot"]) / 2
+    )
+    assert at_1024["samples"] == dict.fromkeys(columns.RULER_TASKS, 1)
+    assert manifest["truncated_prompts"] == 0 and manifest["protocol"]["ruler"]["truncated_prompts"] == 0
+    out = Path(json.loads((Path(cfg.paths.output_dir) / "artifacts.json").read_text())["evaluate"])
+    from transformers import AutoTokenizer
+
+    from common.model_sources import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("tiny_llama"))
+    configs = json.loads((out / "task_configs.json").read_text())["ruler"]
+    for task in columns.RULER_TASKS:
+        [row] = sample_rows(out, task)
+        budget = int(configs[task]["generation_kwargs"]["max_gen_toks"])
+        assert ruler.prompt_tokens(tokenizer, row["doc"]) + budget <= 1024, task
+    [squad] = sample_rows(out, "ruler_qa_squad")
+    assert "Document 1:" in squad["doc"]["input"] and squad["doc"]["gen_prefix"] == "Answer:"
+    [hotpot] = sample_rows(out, "ruler_qa_hotpot")
+    assert any(q in hotpot["doc"]["input"] for q in ("Nile", "bronze", "honeybee"))
+    # a directory of essays works as RULER's haystack too, and a missing QA file names what it wanted
+    (tmp_path / "essays").mkdir()
+    (tmp_path / "essays" / "b.txt").write_text("second  text")
+    (tmp_path / "essays" / "a.txt").write_text("first\ntext")
+    assert ruler.essay_words(str(tmp_path / "essays")) == ["first", "text", "second", "text"]
+    with pytest.raises(EvaluationDataError, match="no hotpot_dev_distractor_v1.json for ruler_qa_hotpot"):
+        SUITES.get("ruler").tasks(
+            SuiteContext(
+                {"tasks": ["ruler_qa_hotpot"], "lengths": [1024], "qa_data_dir": str(tmp_path)},
                 None,
                 "m",
                 tmp_path,
@@ -422,83 +580,6 @@ def test_a_local_model_directory_changing_in_place_changes_the_evaluate_fingerpr
     (model / "model.safetensors").write_bytes(b"new weights")
     os.utime(model / "config.json", (1, 1))
     assert stage_fingerprints(cfg, ["evaluate"])["evaluate"] != before
-
-
-@pytest.mark.slow
-def test_short_suites_from_local_files_give_table3(make_cfg, tmp_path):
-    """MMLU (one subject), HellaSwag and OpenBookQA from local files in their Hub schemas, through
-    lm-eval's own task YAMLs; MMLU is the size-weighted mean of the subjects present."""
-    from experiments.pipeline import run_pipeline
-
-    data = tmp_path / "short"
-
-    def write(path: Path, rows: list[dict]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-    write(
-        data / "hellaswag" / "validation.jsonl",
-        [
-            {
-                "ind": i,
-                "activity_label": "Cooking",
-                "ctx_a": "A man slices bread.",
-                "ctx_b": "he",
-                "ctx": "A man slices bread. he",
-                "endings": ["eats it.", "flies.", "sings.", "melts."],
-                "source_id": "x",
-                "split": "val",
-                "split_type": "indomain",
-                "label": "0",
-            }
-            for i in range(3)
-        ],
-    )
-    write(
-        data / "openbookqa" / "test.jsonl",
-        [
-            {
-                "id": str(i),
-                "question_stem": "The sun is",
-                "choices": {"text": ["hot", "cold", "blue", "wet"], "label": ["A", "B", "C", "D"]},
-                "answerKey": "A",
-            }
-            for i in range(2)
-        ],
-    )
-    write(
-        data / "mmlu" / "anatomy" / "test.jsonl",
-        [
-            {
-                "question": "Which organ pumps blood?",
-                "subject": "anatomy",
-                "choices": ["heart", "lung", "skin", "bone"],
-                "answer": 0,
-            }
-        ]
-        * 4,
-    )
-    cfg = make_cfg(
-        "debug=tiny",
-        "stages=[evaluate]",
-        "evaluation.model=tiny_llama",
-        "evaluation.suites=[short]",
-        f"evaluation.short.data_dir={data}",
-    )
-    manifest = run_pipeline(cfg)["evaluate"]
-    table3 = manifest["suites"]["short"]["table3"]
-    for column in ("MMLU", "HellaSwag", "OBQA"):
-        assert 0.0 <= table3[column] <= 100.0
-    assert table3["HumanEval"] is None and table3["Avg"] is None  # humaneval not asked for
-    out = Path(json.loads((Path(cfg.paths.output_dir) / "artifacts.json").read_text())["evaluate"])
-    assert len(sample_rows(out, "mmlu_anatomy")) == 4
-    # a task without its evaluated split names the file it wanted
-    from evaluation.suites import SUITES, EvaluationDataError, SuiteContext
-
-    with pytest.raises(EvaluationDataError, match=r"no .*openbookqa/test.jsonl .*task openbookqa"):
-        SUITES.get("short").tasks(
-            SuiteContext({"tasks": ["openbookqa"], "data_dir": str(tmp_path)}, None, "m", tmp_path, 0)
-        )
 
 
 def test_sample_rows_tell_a_task_from_one_whose_name_extends_it(tmp_path):
