@@ -82,7 +82,12 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             "score",
             ("prepare",),
-            ("selection.method", "selection.scoring", "selection.scorer_model.name_or_path"),
+            (
+                "selection.method",
+                "selection.scoring",
+                "selection.scorer_model.name_or_path",
+                "selection.scorer_model.dtype",
+            ),
             "selection.score:run",
             distributed=True,
             ignored=("batch_size", "device", "wait_timeout_s"),
