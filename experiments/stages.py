@@ -89,6 +89,8 @@ STAGES: dict[str, StageSpec] = {
                 "selection.scorer_model.dtype",
             ),
             "selection.score:run",
+            # 2: ProLong re-tokenizes without BOS; scoring.dtype auto follows scorer_model.dtype on CUDA
+            version=2,
             distributed=True,
             ignored=("batch_size", "device", "wait_timeout_s"),
         ),
