@@ -193,7 +193,7 @@ def child(args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -226,57 +226,28 @@ def main() -> None:
         "authors' path (an eager HF forward, causal) runs only with causal",
     )
     parser.add_argument("--child", nargs=2, metavar=("IMPL", "LENGTH"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        print(
-            json.dumps(
-                run_case(
-                    args.child[0],
-                    int(args.child[1]),
-                    args.model,
-                    args.repeats,
-                    args.metric_only,
-                    args.causal == "true",
-                )
-            )
-        )
-        return
+    return parser.parse_args()
 
-    import torch
 
-    modes = {"true": (True,), "false": (False,), "both": (True, False)}[args.causal]
-    if args.shape:
-        print(
-            f"| L | impl | attention | s/window | tokens/s | working MB (device) |  shape {args.shape} "
-            f"{SHAPES[args.shape]}, {args.dtype} on {args.device} |"
-        )
-        print("|---|---|---|---|---|---|")
-        for n in args.compare:
-            for impl in args.impls.split(","):
-                for causal in modes:
-                    r = run_shaped_case(impl, n, args.shape, args.device, args.dtype, args.repeats, causal)
-                    print(
-                        f"| {n} | {impl} | {attention_name(causal)} | {r['seconds']:.4f} | "
-                        f"{r['tokens_per_s']:,.0f} | {r['working_mb']:.0f} |",
-                        flush=True,
-                    )
-        return
-
-    results = []
-    for impl, n, causal in cases_to_run(args, modes):
-        args.impl_case, args.length_case, args.causal_case = impl, n, causal
-        res = child(args)
-        results.append(res)
-        print(
-            f"{impl:>13} L={n:>6} {attention_name(causal):>10}: {res['seconds']:8.3f} s  "
-            f"{res['tokens_per_s']:>10,.0f} tok/s  working memory {res['working_mb']:8.1f} MB",
-            flush=True,
-        )
-    by = {(r["impl"], r["length"], r["causal"]): r for r in results}
+def shaped_table(args, modes: tuple[bool, ...]) -> None:
     print(
-        f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; model {args.model}; best of {args.repeats}\n"
+        f"| L | impl | attention | s/window | tokens/s | working MB (device) |  shape {args.shape} "
+        f"{SHAPES[args.shape]}, {args.dtype} on {args.device} |"
     )
+    print("|---|---|---|---|---|---|")
+    for n in args.compare:
+        for impl in args.impls.split(","):
+            for causal in modes:
+                r = run_shaped_case(impl, n, args.shape, args.device, args.dtype, args.repeats, causal)
+                print(
+                    f"| {n} | {impl} | {attention_name(causal)} | {r['seconds']:.4f} | "
+                    f"{r['tokens_per_s']:,.0f} | {r['working_mb']:.0f} |",
+                    flush=True,
+                )
+
+
+def results_table(results: list[dict]) -> None:
+    by = {(r["impl"], r["length"], r["causal"]): r for r in results}
     print(
         "| L | impl | attention | s/window | tokens/s | working MB | speed-up vs reference (same attention) |"
     )
@@ -288,6 +259,37 @@ def main() -> None:
             f"| {r['length']} | {r['impl']} | {attention_name(r['causal'])} | {r['seconds']:.3f} | "
             f"{r['tokens_per_s']:,.0f} | {r['working_mb']:.0f} | {ratio} |"
         )
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        impl, length = args.child[0], int(args.child[1])
+        causal = args.causal == "true"
+        print(json.dumps(run_case(impl, length, args.model, args.repeats, args.metric_only, causal)))
+        return
+
+    import torch
+
+    modes = {"true": (True,), "false": (False,), "both": (True, False)}[args.causal]
+    if args.shape:
+        shaped_table(args, modes)
+        return
+    results = []
+    for impl, n, causal in cases_to_run(args, modes):
+        args.impl_case, args.length_case, args.causal_case = impl, n, causal
+        res = child(args)
+        results.append(res)
+        print(
+            f"{impl:>13} L={n:>6} {attention_name(causal):>10}: {res['seconds']:8.3f} s  "
+            f"{res['tokens_per_s']:>10,.0f} tok/s  working memory {res['working_mb']:8.1f} MB",
+            flush=True,
+        )
+    print(
+        f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; model {args.model}; best of {args.repeats}\n"
+    )
+    results_table(results)
 
 
 if __name__ == "__main__":
