@@ -7,6 +7,7 @@ untimed run (the sampling thread would otherwise contend for the GIL and slow th
     python benchmarks/bench_longattn.py                       # defaults of the issue: 2048/4096 both,
                                                               # 8192-32768 blocked only, SmolLM2 layer 0
     python benchmarks/bench_longattn.py --compare 8192 --blocked-only 65536 --repeats 3
+    python benchmarks/bench_longattn.py --metric-only --compare 4096 8192 --blocked-only --causal both
     # GPU, statistics only, Llama-3.1-8B / 70B layer-0 shapes (random q/k of those shapes):
     python benchmarks/bench_longattn.py --shape 8b --device cuda --dtype bfloat16 --compare 32768 \
         --impls triton,blocked,reference
@@ -66,7 +67,9 @@ def window_ids(length: int, model_dir: str):
     return torch.tensor(ids)
 
 
-def run_case(impl: str, length: int, model: str, repeats: int, metric_only: bool = False) -> dict:
+def run_case(
+    impl: str, length: int, model: str, repeats: int, metric_only: bool = False, causal: bool = True
+) -> dict:
     import torch
 
     from common.model_sources import default_cache_dir, resolve_model_path
@@ -95,7 +98,7 @@ def run_case(impl: str, length: int, model: str, repeats: int, metric_only: bool
 
         def score():
             q, k = (q_pre, k_pre) if metric_only else qk(ids)
-            return head_stats(q, k, None, impl)
+            return head_stats(q, k, None, impl, causal=causal)
 
     score()  # warm-up (allocator, lazy init)
     best = float("inf")
@@ -109,6 +112,7 @@ def run_case(impl: str, length: int, model: str, repeats: int, metric_only: bool
     return {
         "impl": impl,
         "length": length,
+        "causal": causal,
         "seconds": best,
         "tokens_per_s": length / best,
         "working_mb": (sampler.peak - before) / 2**20,
@@ -118,7 +122,9 @@ def run_case(impl: str, length: int, model: str, repeats: int, metric_only: bool
 SHAPES = {"8b": (32, 8, 128), "70b": (64, 8, 128), "smollm2": (9, 3, 64)}  # (heads, kv heads, head dim)
 
 
-def run_shaped_case(impl: str, length: int, shape: str, device: str, dtype: str, repeats: int) -> dict:
+def run_shaped_case(
+    impl: str, length: int, shape: str, device: str, dtype: str, repeats: int, causal: bool = True
+) -> dict:
     """Statistics alone on random q/k of a model's layer-0 shape, timed with device synchronisation."""
     import torch
 
@@ -130,7 +136,7 @@ def run_shaped_case(impl: str, length: int, shape: str, device: str, dtype: str,
     k = torch.randn(kv_heads, length, dim, device=device, generator=gen).mul_(2).to(getattr(torch, dtype))
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    head_stats(q, k, None, impl)
+    head_stats(q, k, None, impl, causal=causal)
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -138,17 +144,30 @@ def run_shaped_case(impl: str, length: int, shape: str, device: str, dtype: str,
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        head_stats(q, k, None, impl)
+        head_stats(q, k, None, impl, causal=causal)
         sync()
         best = min(best, time.perf_counter() - start)
     working = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else float("nan")
     return {
         "impl": impl,
         "length": length,
+        "causal": causal,
         "seconds": best,
         "tokens_per_s": length / best,
         "working_mb": working,
     }
+
+
+def attention_name(causal: bool) -> str:
+    return "causal" if causal else "non-causal"
+
+
+def cases_to_run(args, modes: tuple[bool, ...]) -> list[tuple[str, int, bool]]:
+    """(impl, length, causal) in run order; the authors' path (an eager forward: causal maps) only causal."""
+    impls = ("reference", "blocked") if args.metric_only else ("reference", "blocked", "authors_path")
+    cases = [(impl, n, c) for n in args.compare for impl in impls for c in modes]
+    cases = [(impl, n, c) for impl, n, c in cases if c or impl != "authors_path"]
+    return cases + [("blocked", n, c) for n in args.blocked_only for c in modes]
 
 
 def child(args) -> dict:
@@ -162,6 +181,9 @@ def child(args) -> dict:
         args.model,
         "--repeats",
         str(args.repeats),
+        "--causal",
+        str(args.causal_case).lower(),
+        *(["--metric-only"] if args.metric_only else []),
     ]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}
@@ -171,7 +193,7 @@ def child(args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -196,60 +218,78 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="with --shape: cpu | cuda")
     parser.add_argument("--dtype", default="float32", help="with --shape: float32 | bfloat16 | float16")
     parser.add_argument("--impls", default="reference,blocked", help="with --shape: implementations to time")
+    parser.add_argument(
+        "--causal",
+        choices=["true", "false", "both"],
+        default="both",
+        help="attention of the statistics: causal (paper text), non-causal (authors' code) or both; the "
+        "authors' path (an eager HF forward, causal) runs only with causal",
+    )
     parser.add_argument("--child", nargs=2, metavar=("IMPL", "LENGTH"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
+    return parser.parse_args()
+
+
+def shaped_table(args, modes: tuple[bool, ...]) -> None:
+    print(
+        f"| L | impl | attention | s/window | tokens/s | working MB (device) |  shape {args.shape} "
+        f"{SHAPES[args.shape]}, {args.dtype} on {args.device} |"
+    )
+    print("|---|---|---|---|---|---|")
+    for n in args.compare:
+        for impl in args.impls.split(","):
+            for causal in modes:
+                r = run_shaped_case(impl, n, args.shape, args.device, args.dtype, args.repeats, causal)
+                print(
+                    f"| {n} | {impl} | {attention_name(causal)} | {r['seconds']:.4f} | "
+                    f"{r['tokens_per_s']:,.0f} | {r['working_mb']:.0f} |",
+                    flush=True,
+                )
+
+
+def results_table(results: list[dict]) -> None:
+    by = {(r["impl"], r["length"], r["causal"]): r for r in results}
+    print(
+        "| L | impl | attention | s/window | tokens/s | working MB | speed-up vs reference (same attention) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        ref = by.get(("reference", r["length"], r["causal"]))
+        ratio = f"{ref['seconds'] / r['seconds']:.1f}x" if ref else "n/a"
         print(
-            json.dumps(
-                run_case(args.child[0], int(args.child[1]), args.model, args.repeats, args.metric_only)
-            )
+            f"| {r['length']} | {r['impl']} | {attention_name(r['causal'])} | {r['seconds']:.3f} | "
+            f"{r['tokens_per_s']:,.0f} | {r['working_mb']:.0f} | {ratio} |"
         )
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        impl, length = args.child[0], int(args.child[1])
+        causal = args.causal == "true"
+        print(json.dumps(run_case(impl, length, args.model, args.repeats, args.metric_only, causal)))
         return
 
     import torch
 
+    modes = {"true": (True,), "false": (False,), "both": (True, False)}[args.causal]
     if args.shape:
-        print(
-            f"| L | impl | s/window | tokens/s | working MB (device) |  shape {args.shape} {SHAPES[args.shape]}, "
-            f"{args.dtype} on {args.device} |"
-        )
-        print("|---|---|---|---|---|")
-        for n in args.compare:
-            for impl in args.impls.split(","):
-                r = run_shaped_case(impl, n, args.shape, args.device, args.dtype, args.repeats)
-                print(
-                    f"| {n} | {impl} | {r['seconds']:.4f} | {r['tokens_per_s']:,.0f} | {r['working_mb']:.0f} |",
-                    flush=True,
-                )
+        shaped_table(args, modes)
         return
-
-    impls = ("reference", "blocked") if args.metric_only else ("reference", "blocked", "authors_path")
-    cases = [(impl, n) for n in args.compare for impl in impls]
-    cases += [("blocked", n) for n in args.blocked_only]
     results = []
-    for impl, n in cases:
-        args.impl_case, args.length_case = impl, n
+    for impl, n, causal in cases_to_run(args, modes):
+        args.impl_case, args.length_case, args.causal_case = impl, n, causal
         res = child(args)
         results.append(res)
         print(
-            f"{impl:>13} L={n:>6}: {res['seconds']:8.3f} s  {res['tokens_per_s']:>10,.0f} tok/s  "
-            f"working memory {res['working_mb']:8.1f} MB",
+            f"{impl:>13} L={n:>6} {attention_name(causal):>10}: {res['seconds']:8.3f} s  "
+            f"{res['tokens_per_s']:>10,.0f} tok/s  working memory {res['working_mb']:8.1f} MB",
             flush=True,
         )
-    by = {(r["impl"], r["length"]): r for r in results}
     print(
         f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; model {args.model}; best of {args.repeats}\n"
     )
-    print("| L | impl | s/window | tokens/s | working MB | speed-up vs reference |")
-    print("|---|---|---|---|---|---|")
-    for r in results:
-        ref = by.get(("reference", r["length"]))
-        ratio = f"{ref['seconds'] / r['seconds']:.1f}x" if ref else "n/a"
-        print(
-            f"| {r['length']} | {r['impl']} | {r['seconds']:.3f} | {r['tokens_per_s']:,.0f} | "
-            f"{r['working_mb']:.0f} | {ratio} |"
-        )
+    results_table(results)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,8 @@ def method_label(selection: Mapping[str, Any]) -> str:
             label += f" alpha={selection['alpha']:g}"
         if selection.get("use_uniformity") is False:
             label += " w/o DU_T"
+        if (selection.get("scoring") or {}).get("causal") is True:
+            label += " causal"  # the paper's text; the default is the authors' non-causal code
         return label
     return str(method)
 

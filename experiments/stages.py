@@ -90,8 +90,15 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             "score",
             ("prepare",),
-            ("selection.method", "selection.scoring", "selection.scorer_model.name_or_path"),
+            (
+                "selection.method",
+                "selection.scoring",
+                "selection.scorer_model.name_or_path",
+                "selection.scorer_model.dtype",
+            ),
             "selection.score:run",
+            # 2: ProLong re-tokenizes without BOS; scoring.dtype auto follows scorer_model.dtype on CUDA
+            version=2,
             distributed=True,
             ignored=("batch_size", "device", "wait_timeout_s"),
         ),

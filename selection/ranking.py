@@ -1,4 +1,5 @@
-"""Selection maths: normalisation over the whole scored set, LongAttn's combined score, per-domain picks.
+"""Selection maths: normalisation (within each domain, or over the whole scored set), LongAttn's combined
+score, per-domain picks.
 
 Pure functions of arrays. Ties are broken by window id everywhere, so a selection is a function of the
 scores alone, bit for bit.
@@ -13,6 +14,7 @@ import numpy as np
 from common.errors import ConfigError
 
 NORMALIZATIONS = ("min_max", "zscore")
+SCOPES = ("domain", "global")
 
 
 def normalize(values: np.ndarray, method: str) -> np.ndarray:
@@ -28,21 +30,38 @@ def normalize(values: np.ndarray, method: str) -> np.ndarray:
     raise ConfigError(f"selection.normalization={method}: choose one of {NORMALIZATIONS}")
 
 
+def normalize_within(values: np.ndarray, groups: Sequence[str] | None, method: str) -> np.ndarray:
+    """`normalize` applied to each group's values separately (`groups` None: over all values at once)."""
+    v = np.asarray(values, dtype=np.float64)
+    if groups is None:
+        return normalize(v, method)
+    labels = np.asarray(groups)
+    if labels.shape != v.shape:
+        raise ValueError(f"{len(labels)} group labels for {len(v)} values")
+    out = np.empty_like(v)
+    for group in np.unique(labels):
+        mine = labels == group
+        out[mine] = normalize(v[mine], method)
+    return out
+
+
 def longattn_score(
     ds: np.ndarray,
     variance: np.ndarray,
     alpha: float = 0.5,
     normalization: str = "min_max",
     use_uniformity: bool = True,
+    groups: Sequence[str] | None = None,
 ) -> np.ndarray:
     """score = norm(DS_T) - alpha * norm(variance) = norm(DS_T) + alpha * norm(DU_T) with DU_T = -variance.
 
     With z-scores this is the paper's LDS_T = Std(DS_T) + alpha * Std(DU_T); `use_uniformity=False` is the
-    paper's "w/o DU_T" ablation.
+    paper's "w/o DU_T" ablation. `groups` (the windows' domains) normalises within each group, as the
+    authors' per-file run does; None normalises over all windows.
     """
-    score = normalize(ds, normalization)
+    score = normalize_within(ds, groups, normalization)
     if use_uniformity:
-        score = score - alpha * normalize(variance, normalization)
+        score = score - alpha * normalize_within(variance, groups, normalization)
     return score
 
 

@@ -46,6 +46,8 @@ class ScoreConfig:
     method: str
     scorer_model: str
     options: dict[str, Any] = field(default_factory=dict)
+    scorer_dtype: str | None = None
+    """`selection.scorer_model.dtype`: the dtype `scoring.dtype: auto` means on CUDA (CPU: float32)."""
     batch_size: int = 8
     """Windows per scorer call; does not change results."""
     flush_every: int = 64
@@ -63,6 +65,7 @@ class ScoreConfig:
         return cls(
             method=sel.method,
             scorer_model=sel.scorer_model.name_or_path,
+            scorer_dtype=sel.scorer_model.get("dtype"),
             options=OmegaConf.to_container(sel.scoring, resolve=True) or {},
             batch_size=sel.get("batch_size", 8),
             flush_every=sel.get("flush_every", 64),
@@ -168,6 +171,7 @@ def score_my_windows(
             ctx.cache_dir,
             resolve_device(conf.device, ranks),
             windows_tokenizer,
+            model_dtype=conf.scorer_dtype,
         )
     )
     writer = PartWriter(parts_dir, ranks.rank)
@@ -272,9 +276,11 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any] | None:
     per_domain: dict[str, int] = {}
     for domain in table.column("domain").to_pylist():
         per_domain[domain] = per_domain.get(domain, 0) + 1
+    describe = getattr(scorer_class(conf.method), "describe", None)
     return {
         "method": conf.method,
         "scorer_model": conf.scorer_model,
+        "scoring": describe(conf.options) if describe else {},
         "windows": table.num_rows,
         "per_domain": per_domain,
         "columns": table.column_names,

@@ -1,5 +1,6 @@
-"""Select stage: normalise scores over the whole scored set, rank, choose per domain, write the selection
-contract (`id, domain, score, rank, n_tokens`), the training mixture and the analysis."""
+"""Select stage: normalise scores (within each domain by default, as the authors' per-file run; or over the
+whole scored set), rank, choose per domain, write the selection contract (`id, domain, score, rank,
+n_tokens`), the training mixture and the analysis."""
 
 from __future__ import annotations
 
@@ -20,7 +21,14 @@ from common.model_sources import load_tokenizer
 from common.registry import Registry
 from common.stage import StageContext
 from selection import analysis
-from selection.ranking import NORMALIZATIONS, longattn_score, rank_order, select_per_domain, training_mixture
+from selection.ranking import (
+    NORMALIZATIONS,
+    SCOPES,
+    longattn_score,
+    rank_order,
+    select_per_domain,
+    training_mixture,
+)
 from selection.score import SCORES_FILE
 
 log = logging.getLogger(__name__)
@@ -37,7 +45,9 @@ class SelectConfig:
     alpha: float = 0.5
     """Weight of the uniformity term (paper ablation: 1.0)."""
     normalization: str = "min_max"
-    """min_max (authors' code) | zscore (paper Eq. 8); always over the whole scored set."""
+    """min_max (authors' code) | zscore (paper Eq. 8)."""
+    normalization_scope: str = "domain"
+    """domain (the authors normalise each domain's file on its own) | global (over every scored window)."""
     use_uniformity: bool = True
     """False = the paper's "w/o DU_T" ablation."""
     fraction: float | None = 0.5
@@ -51,6 +61,10 @@ class SelectConfig:
     def __post_init__(self) -> None:
         if self.normalization not in NORMALIZATIONS:
             raise ConfigError(f"selection.normalization={self.normalization}: choose one of {NORMALIZATIONS}")
+        if self.normalization_scope not in SCOPES:
+            raise ConfigError(
+                f"selection.normalization_scope={self.normalization_scope}: choose one of {SCOPES}"
+            )
         if self.budget_tokens is not None:
             self.fraction = None
 
@@ -72,11 +86,13 @@ def _longattn_rule(table: pa.Table, conf: SelectConfig) -> np.ndarray:
         conf.alpha,
         conf.normalization,
         conf.use_uniformity,
+        table.column("domain").to_pylist() if conf.normalization_scope == "domain" else None,
     )
 
 
 def _column_rule(column: str) -> ScoreRule:
-    """Rivals: their statistic as is, higher is better (ranking within a domain needs no normalisation)."""
+    """Rivals: their statistic as is, higher is better (ranking within a domain needs no normalisation, so
+    `normalization_scope` changes nothing for them)."""
     return lambda table, conf: table.column(column).to_numpy().astype(np.float64)
 
 

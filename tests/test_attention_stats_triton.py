@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from selection.scorers.attention_stats import head_stats, reference_head_stats
+from selection.scorers.attention_stats_triton import triton_head_stats
 
 triton = pytest.importorskip("triton", reason="triton is installed with the dev extras")
 
@@ -28,6 +29,23 @@ def test_triton_matches_reference_fp32(length, heads, kv, dim):
     k = torch.randn(kv, length, dim, generator=gen) * 1.5
     ref = reference_head_stats(q, k)
     got = head_stats(q.to(DEVICE), k.to(DEVICE), None, "triton")
+    assert rel_err(got.ds, ref.ds) < 1e-4 and rel_err(got.variance, ref.variance) < 1e-4
+
+
+# Non-causal visits every key tile; 128-wide tiles keep the interpreter's tile count down on CPU.
+NON_CAUSAL = [(256, 4, 1, 32, 0), (1000, 6, 2, 48, 3), (2048, 2, 1, 16, 0)]
+
+
+@pytest.mark.parametrize(("length", "heads", "kv", "dim", "sink"), NON_CAUSAL)
+def test_triton_matches_reference_non_causal_fp32(length, heads, kv, dim, sink):
+    gen = torch.Generator().manual_seed(length + dim + 1)
+    q = torch.randn(heads, length, dim, generator=gen) * 1.5
+    k = torch.randn(kv, length, dim, generator=gen) * 1.5
+    ref = reference_head_stats(q, k, None, sink, causal=False)
+    blocks = 64 if ON_GPU or length <= 256 else 128
+    got = triton_head_stats(
+        q.to(DEVICE), k.to(DEVICE), None, blocks, blocks, exclude_sink_tokens=sink, causal=False
+    )
     assert rel_err(got.ds, ref.ds) < 1e-4 and rel_err(got.variance, ref.variance) < 1e-4
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -90,3 +91,90 @@ def test_chunked_projection_equals_one_piece(smollm2_dir):
     q1, k1 = qk(ids, chunk=64)
     q2, k2 = qk(ids, chunk=10**6)
     assert torch.allclose(q1, q2, rtol=1e-6, atol=1e-6) and torch.allclose(k1, k2, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------ the scored sequence (scoring.sequence)
+
+
+def their_pipeline(tok, window: list[int], length: int) -> tuple[list[int], list[int]]:
+    """The authors' string pipeline as their scripts run it: the preprocessing decodes each window with
+    `batch_decode` (DataProcess.py), the scoring encodes `bos_token + ' ' + content` with special tokens,
+    padding to max_length with pad = eos, truncation to max_length (1_inference_dp.py)."""
+    content = tok.batch_decode([window])[0]
+    tok.pad_token = tok.eos_token
+    batch = tok(
+        [tok.bos_token + " " + content],
+        add_special_tokens=True,
+        padding="max_length",
+        truncation=True,
+        max_length=length,
+    )
+    return batch["input_ids"][0], batch["attention_mask"][0]
+
+
+def document_ids(tok) -> list[int]:
+    import inspect
+    import textwrap
+
+    text = inspect.getsource(textwrap) + "\n# naïve café, Grüße, 東京, ✓ — end\n" * 20
+    return tok(text, add_special_tokens=False).input_ids
+
+
+def longattn(model: str, cache, **options):
+    from selection.scorers.registry import ScorerSetup, build_scorer
+
+    return build_scorer(ScorerSetup("longattn", model, options, cache, "cpu", "tiny_llama"))
+
+
+def test_authors_sequence_is_their_string_pipeline(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    ids, length = document_ids(tok), 512
+    scorer = longattn("tiny_llama", smollm2_dir.parent.parent, sequence="authors")
+    for start in (100, len(ids) - length):  # a window inside the document, and its last one (unicode)
+        window = ids[start : start + length]
+        expected, mask = their_pipeline(tok, window, length)
+        assert sum(mask) == length  # full length: no padding, as their 32K windows
+        got = scorer.sequence(np.array(window)).tolist()
+        assert got == expected
+        assert got[0] == tok.bos_token_id and got[1:] != window[: length - 1]  # ' ' + text re-tokenized
+    bos = longattn("tiny_llama", smollm2_dir.parent.parent).sequence(np.array(window)).tolist()
+    assert bos == [tok.bos_token_id, *window[:-1]]  # sequence=bos, the default
+
+
+def test_authors_sequence_with_a_tokenizer_that_adds_its_own_bos(tmp_path, smollm2_dir):
+    """Llama-3's tokenizer adds a BOS itself: their string then starts with two BOS tokens."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "with_bos"
+    shutil.copytree(resolve_model_path("tiny_llama", smollm2_dir.parent.parent), model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)]
+    )
+    tok.save_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    window = document_ids(tok)[200:456]
+    expected, _ = their_pipeline(tok, window, 256)
+    got = longattn(str(model_dir), None, sequence="authors").sequence(np.array(window)).tolist()
+    assert got == expected and got[:2] == [tok.bos_token_id] * 2
+
+
+def test_a_shorter_authors_sequence_is_scored_unpadded(smollm2_dir):
+    """'a' and 'b' as separate tokens re-encode to far fewer tokens ('ab' merges): the sequence is
+    scored at its own length, k from that length, no padding."""
+    from transformers import AutoTokenizer
+
+    from selection.scorers.attention_stats import head_stats
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    window = np.array([tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b")] * 128)
+    cache = smollm2_dir.parent.parent
+    scorer = longattn("tiny_llama", cache, sequence="authors")
+    sequence = scorer.sequence(window)
+    assert len(sequence) < len(window)
+    row = scorer.score_batch([window])[0]
+    stats = head_stats(*FirstLayerQK.from_pretrained("tiny_llama", cache)(sequence), None, causal=False)
+    assert row["ds"] == pytest.approx(stats.mean_ds, rel=1e-6) and row["ds"] > 0

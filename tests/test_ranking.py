@@ -9,6 +9,7 @@ from selection.ranking import (
     domain_budgets,
     longattn_score,
     normalize,
+    normalize_within,
     rank_order,
     select_per_domain,
     training_mixture,
@@ -43,6 +44,30 @@ def test_normalisation_is_global_not_per_shard():
     whole = longattn_score(ds, var)
     half = longattn_score(ds[:2], var[:2])
     assert whole[:2].tolist() != half.tolist()
+
+
+def test_per_domain_min_max_then_top_fraction_by_hand():
+    """The authors normalise each domain's file on its own. Domain a: ds .40-.50, variance 1e-6..5e-6;
+    domain b: ds .20-.30, variance 1e-7..5e-7."""
+    ids = ["a1", "a2", "a3", "a4", "b1", "b2", "b3", "b4"]
+    doms = ["a"] * 4 + ["b"] * 4
+    ds = np.array([0.40, 0.45, 0.50, 0.42, 0.20, 0.22, 0.30, 0.26])
+    var = np.array([1e-6, 3e-6, 5e-6, 2e-6, 1e-7, 3e-7, 2e-7, 5e-7])
+    # a: norm ds 0, .5, 1, .2 ; norm var 0, .5, 1, .25   b: norm ds 0, .2, 1, .6 ; norm var 0, .5, .25, 1
+    per_domain = longattn_score(ds, var, 0.5, groups=doms)
+    assert per_domain.tolist() == pytest.approx([0, 0.25, 0.5, 0.075, 0, -0.05, 0.875, 0.1], abs=1e-12)
+    chosen = select_per_domain(ids, doms, [10] * 8, per_domain, fraction=0.5)
+    assert chosen == {"a": [2, 1], "b": [6, 7]}
+    # over all windows (ds .20-.50, variance 1e-7..5e-6) domain a's order changes: a1 .5748, a4 .5394
+    whole = longattn_score(ds, var, 0.5)
+    assert whole[0] == pytest.approx(2 / 3 - 0.5 * 9 / 49) and whole[3] == pytest.approx(
+        11 / 15 - 0.5 * 19 / 49
+    )
+    assert select_per_domain(ids, doms, [10] * 8, whole, fraction=0.5) == {"a": [0, 3], "b": [6, 7]}
+    z = normalize_within(ds, doms, "zscore")
+    assert z[:4].tolist() == pytest.approx(normalize(ds[:4], "zscore").tolist())
+    with pytest.raises(ValueError, match="3 group labels for 8 values"):
+        normalize_within(ds, doms[:3], "min_max")
 
 
 def test_ties_break_by_id():

@@ -44,6 +44,8 @@ def test_labels_follow_the_paper():
         method_label({"method": "longattn", "scorer_model": scorer8, "use_uniformity": False})
         == "LongAttn-8 w/o DU_T"
     )
+    causal = {"method": "longattn", "scorer_model": scorer8, "scoring": {"causal": True}}
+    assert method_label(causal) == "LongAttn-8 causal"
     assert method_label({"method": "random"}) == "Random" and method_label({"method": "prolong"}) == "ProLong"
     assert base_model_label("meta-llama/Meta-Llama-3-8B") == "LLaMA-3-Base"
     assert tokens_label(5e9) == "5B" and tokens_label(8192) == "8,192" and tokens_label(None) == "0"
@@ -291,10 +293,10 @@ def test_every_experiment_runs_end_to_end_in_one_tiny_sweep(tmp_path):
     # scoring runs once per distinct scorer config, not once per experiment
     scores = {json.loads((m / "artifacts.json").read_text())["score"] for m in members}
     selects = {json.loads((m / "artifacts.json").read_text())["select"] for m in members}
-    assert (
-        len(scores) == 5
-    )  # demo LongAttn, LongAttn (theta 2.5e6: 8B/70B/ablations on tiny), Random, ProLong, LADM
-    assert len(selects) == 7  # alpha=1 and w/o DU_T select differently from the same scores
+    # demo LongAttn, LongAttn (theta 2.5e6, authors' sequence: 8B/70B/ablations on tiny), the same causal,
+    # Random, ProLong, LADM
+    assert len(scores) == 6
+    assert len(selects) == 8  # alpha=1 and w/o DU_T select differently from the same scores
     assert "score: reused artifact" in done.stdout + done.stderr
     # the demo's report: the trained and the untrained model, the paper's LongAttn-8 rows as references
     demo = members[EXPERIMENTS.index("demo")]
@@ -314,7 +316,7 @@ def test_every_experiment_runs_end_to_end_in_one_tiny_sweep(tmp_path):
     )
     index = json.loads((tmp_path / "report_run" / "artifacts.json").read_text())
     text = (Path(index["report"]) / "report.md").read_text()
-    for label in ("Random", "ProLong", "LADM", "w/o DU_T", "alpha=1"):
+    for label in ("Random", "ProLong", "LADM", "w/o DU_T", "alpha=1", "causal"):
         assert label in text
     # at debug=tiny's 8,192 training tokens no run has its own published row: each trained model gets its
     # row and its method's reference row, but LADM (not in the paper) and the demo's base model only theirs

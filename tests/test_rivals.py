@@ -86,9 +86,13 @@ def test_prolong_batched_equals_reference(tiny_setup):
         assert fast[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-9)
 
 
-def test_prolong_retokenizes_when_vocabularies_differ(tmp_path, smollm2_dir):
+def test_prolong_retokenizes_without_bos_so_chunks_start_where_the_authors_do(tmp_path, smollm2_dir):
+    """A scorer tokenizer that prepends a BOS by default (as OPT's `</s>`), with a vocabulary of its own:
+    windows are decoded and re-encoded WITHOUT that BOS (the authors set add_bos_token=False), so chunk i
+    holds text tokens [i*c, (i+1)*c) and a trailing partial chunk is dropped, as their construct_data."""
     import shutil
 
+    from tokenizers.processors import TemplateProcessing
     from transformers import AutoTokenizer
 
     from common.model_sources import resolve_model_path
@@ -97,15 +101,33 @@ def test_prolong_retokenizes_when_vocabularies_differ(tmp_path, smollm2_dir):
     shutil.copytree(resolve_model_path("tiny_llama", smollm2_dir.parent.parent), other)
     tok = AutoTokenizer.from_pretrained(other)
     tok.add_tokens(["<extra>"])
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A",
+        special_tokens=[("<|endoftext|>", tok.convert_tokens_to_ids("<|endoftext|>"))],
+    )
     tok.save_pretrained(other)
+    tok = AutoTokenizer.from_pretrained(other)
     scorer = build_scorer(
         ScorerSetup("prolong", str(other), {"chunk_size": 16}, smollm2_dir.parent.parent, "cpu", "tiny_llama")
     )
     assert scorer.windows_tokenizer is not None
     text = "def f(x):\n    return x + 1\n" * 40
-    window = tok(text, add_special_tokens=False).input_ids[:256]
+    window = tok(text, add_special_tokens=False).input_ids[:250]
     decoded = scorer.windows_tokenizer.decode(window)
-    assert scorer._token_ids(np.array(window)) == tok(decoded).input_ids  # text re-encoded by the scorer
+    with_bos = tok(decoded).input_ids
+    assert with_bos[0] == tok.convert_tokens_to_ids("<|endoftext|>")  # what the default would prepend
+    text_ids = tok(decoded, add_special_tokens=False).input_ids
+    assert scorer._token_ids(np.array(window)) == text_ids == with_bos[1:]
+    seen = []
+
+    def perplexities(sequences, scored):
+        seen.append(sequences)
+        return [2.0] * len(sequences)
+
+    scorer._perplexities = perplexities
+    scorer.score_batch([np.array(window)], ["w"])
+    n = len(text_ids) // 16
+    assert n == 15 and seen[0] == [text_ids[16 * i : 16 * (i + 1)] for i in range(n)]  # single chunks
 
 
 # ---------------------------------------------------------------- LADM
@@ -220,6 +242,24 @@ def test_roc_auc_known_values():
     assert roc_auc([1, 3], [2, 4]) == 0.25  # (1>2? no, 1>4? no, 3>2 yes, 3>4 no) = 1/4
     assert roc_auc([2, 2], [2, 2]) == 0.5  # all ties
     assert roc_auc([0.9, 0.8, 0.3], [0.1, 0.8]) == pytest.approx((2 + 1.5 + 1) / 6)
+
+
+def test_benchmark_auc_intervals():
+    from benchmarks.selection_quality import AucJudge, auc_interval, window_labels
+
+    ones = np.ones((50, 2))
+    assert auc_interval(np.array([3.0, 4.0]), np.array([1.0, 2.0]), ones, ones) == (1.0, 1.0, 1.0)
+    # one resample drawing the first positive twice and the second negative twice: 1 > 2? no -> 0
+    auc, lo, hi = auc_interval(
+        np.array([1.0, 3.0]), np.array([2.0, 4.0]), np.array([[2, 0]]), np.array([[0, 2]])
+    )
+    assert (auc, lo, hi) == (0.25, 0.0, 0.0)
+    labels = window_labels(["a", "b"], 30)
+    values = np.random.default_rng(1).normal(size=120) + np.tile(np.repeat([0.8, 0.0], 30), 2)
+    first, again = AucJudge(labels, 500, 7)(values), AucJudge(labels, 500, 7)(values)
+    assert first == again  # seeded
+    for auc, lo, hi in first.values():
+        assert lo < auc < hi and 0.1 < hi - lo < 0.4  # 30 vs 30: a half-width near 0.1-0.15
 
 
 def test_benchmark_windows_are_coherent_or_stitched():

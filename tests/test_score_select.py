@@ -54,13 +54,17 @@ def test_scores_follow_the_contract_and_the_maths(scored, smollm2_dir):
     assert manifests["score"]["windows"] == len(rows) == 20
     assert list(rows[0]) == ["id", "domain", "n_tokens", "ds", "variance"]
     assert [r["id"] for r in rows] == sorted(r["id"] for r in rows)
-    # Recompute one window by hand: [BOS] + window[:L-1] through the tiny model's first layer.
+    assert manifests["score"]["scoring"]["attention"].startswith("non-causal: softmax over all L keys")
+    assert manifests["score"]["scoring"]["sequence"] == "bos"
+    # Recompute one window by hand: [BOS] + window[:L-1] through the tiny model's first layer, with the
+    # default non-causal statistics (the authors' released code).
     window = next(r for r in read(arts["prepare"] / "windows-00000.parquet") if r["id"] == rows[0]["id"])
     qk = FirstLayerQK.from_pretrained("tiny_llama", smollm2_dir.parent.parent)
     ids = torch.tensor([qk.config.bos_token_id] + window["input_ids"][:-1])
-    stats = blocked_head_stats(*qk(ids))
+    stats = blocked_head_stats(*qk(ids), causal=False)
     assert rows[0]["ds"] == pytest.approx(stats.mean_ds, rel=1e-6)
     assert rows[0]["variance"] == pytest.approx(stats.mean_variance, rel=1e-6)
+    assert abs(blocked_head_stats(*qk(ids)).mean_ds - stats.mean_ds) > 1e-4  # causal would differ
 
 
 def test_selection_contract_and_analysis(scored):
@@ -86,18 +90,41 @@ def test_selection_contract_and_analysis(scored):
     }
 
 
-def test_selected_are_the_top_half_by_global_min_max(scored):
-    _, _, arts = scored
-    scores = read(arts["score"] / "scores.parquet")
-    ds = np.array([r["ds"] for r in scores])
-    var = np.array([r["variance"] for r in scores])
-    combined = (ds - ds.min()) / (ds.max() - ds.min()) - 0.5 * (var - var.min()) / (var.max() - var.min())
-    expected = set()
+def top_half(scores: list[dict], scope: str) -> dict[str, float]:
+    """Per domain, the top half by norm(ds) - 0.5 norm(variance), min-max within the domain or globally:
+    {id: combined score}."""
+
+    def min_max(v):
+        return (v - v.min()) / (v.max() - v.min())
+
+    expected = {}
     for domain in ("code", "docs"):
         idx = [i for i, r in enumerate(scores) if r["domain"] == domain]
+        pool = idx if scope == "domain" else list(range(len(scores)))
+        ds = np.array([scores[i]["ds"] for i in pool])
+        var = np.array([scores[i]["variance"] for i in pool])
+        combined = dict(zip(pool, min_max(ds) - 0.5 * min_max(var)))
         idx.sort(key=lambda i: (-combined[i], scores[i]["id"]))
-        expected |= {scores[i]["id"] for i in idx[:5]}
-    assert {r["id"] for r in read(arts["select"] / "selection.parquet")} == expected
+        expected |= {scores[i]["id"]: combined[i] for i in idx[:5]}
+    return expected
+
+
+def test_selected_are_the_top_half_by_per_domain_min_max(scored, make_cfg):
+    cfg, manifests, arts = scored
+    scores = read(arts["score"] / "scores.parquet")
+    chosen = {r["id"]: r["score"] for r in read(arts["select"] / "selection.parquet")}
+    assert chosen == pytest.approx(top_half(scores, "domain"), abs=1e-12)
+    glob = make_cfg(
+        *TINY,
+        "stages=[prepare,score,select]",
+        "selection.normalization_scope=global",
+        root=Path(cfg.paths.root_dir),
+    )
+    again = run_pipeline(glob)
+    assert again["score"]["fingerprint"] == manifests["score"]["fingerprint"]  # scores reused
+    rows = {r["id"]: r["score"] for r in read(artifacts(glob)["select"] / "selection.parquet")}
+    assert rows == pytest.approx(top_half(scores, "global"), abs=1e-12)
+    assert rows != pytest.approx(chosen, abs=1e-6)  # the same windows may win, with other scores
 
 
 def test_alpha_sweep_reuses_the_scores(make_cfg):
@@ -106,6 +133,35 @@ def test_alpha_sweep_reuses_the_scores(make_cfg):
     assert a["score"] == b["score"] and a["select"] != b["select"]
     c = stage_fingerprints(make_cfg(*TINY, "selection.scoring.rope_theta=2500000"), ["select"])
     assert c["score"] != a["score"]
+    scope = stage_fingerprints(make_cfg(*TINY, "selection.normalization_scope=global"), ["select"])
+    assert scope["score"] == a["score"] and scope["select"] != a["select"]
+    for key in ("selection.scoring.causal=true", "selection.scoring.sequence=authors"):
+        other = stage_fingerprints(make_cfg(*TINY, key), ["select"])
+        assert other["score"] != a["score"] and other["prepare"] == a["prepare"], key
+    dtype = stage_fingerprints(make_cfg(*TINY, "selection.scorer_model.dtype=float16"), ["select"])
+    assert dtype["score"] != a["score"]
+
+
+def test_scorer_model_dtype_is_honoured_on_cuda_only(make_cfg, monkeypatch, smollm2_dir):
+    import selection.scorers.longattn as longattn_module
+    from selection.score import ScoreConfig
+    from selection.scorers.registry import ScorerSetup, build_scorer, resolve_dtype
+
+    assert resolve_dtype("auto", "cuda:0", "float16") == torch.float16  # the scorer model's dtype
+    assert resolve_dtype("auto", "cuda", None) == torch.bfloat16  # none given
+    assert resolve_dtype("auto", "cpu", "float16") == torch.float32  # CPU: always float32
+    assert resolve_dtype("bfloat16", "cpu", "float16") == torch.bfloat16  # an explicit scoring.dtype wins
+    with pytest.raises(ValueError, match="selection.scorer_model.dtype=half"):
+        resolve_dtype("auto", "cuda", "half")
+    assert ScoreConfig.from_cfg(make_cfg("experiment=longattn_32k")).scorer_dtype == "float16"
+    assert ScoreConfig.from_cfg(make_cfg("experiment=ladm_32k")).scorer_dtype == "float16"
+    seen = []
+    monkeypatch.setattr(
+        longattn_module, "resolve_dtype", lambda *args: seen.append(args) or resolve_dtype(*args)
+    )
+    setup = ScorerSetup("longattn", "tiny_llama", {}, smollm2_dir.parent.parent, "cpu", model_dtype="float16")
+    build_scorer(setup)
+    assert seen == [("auto", "cpu", "float16")]
 
 
 def test_budget_selection(make_cfg, scored):

@@ -1,13 +1,17 @@
 """LongAttn's per-head attention statistics (SPEC section 2), as pure functions of post-RoPE q and k.
 
 Shapes: q_HLD (query heads, tokens, head dim), k_KLD (key/value heads, tokens, head dim); query head h
-reads key head h // (H // K), as HF's `repeat_kv`. For head h with causal softmax attention A (L x L, in
-float32) and minimum distance k, Mt = A on entries (r, c) with r - c >= k, zero elsewhere:
+reads key head h // (H // K), as HF's `repeat_kv`. For head h with softmax attention A (L x L, in float32)
+and minimum distance k, Mt = A on entries (r, c) with r - c >= k, zero elsewhere:
     ds_h       = sum(Mt) / L
     variance_h = unbiased variance of Mt over all L*L entries, zeros included
 Both follow from two sums per head, S1 = sum(Mt) and S2 = sum(Mt^2):
     ds = S1 / L,  variance = (S2 - S1^2 / N) / (N - 1),  N = L*L,
 which is what the blocked and Triton versions accumulate without ever holding an L x L matrix.
+
+`causal=True` (the paper's text): row r's softmax runs over keys c <= r. `causal=False` (the authors'
+released code on full-length windows, SPEC section 2): row r's softmax runs over ALL L keys, future ones
+included; the far region Mt is the same r - c >= k in both, only the normaliser differs.
 """
 
 from __future__ import annotations
@@ -68,10 +72,15 @@ def _check(q_HLD: torch.Tensor, k_KLD: torch.Tensor, min_distance: int) -> tuple
 
 
 def reference_head_stats(
-    q_HLD: torch.Tensor, k_KLD: torch.Tensor, min_distance: int | None = None, exclude_sink_tokens: int = 0
+    q_HLD: torch.Tensor,
+    k_KLD: torch.Tensor,
+    min_distance: int | None = None,
+    exclude_sink_tokens: int = 0,
+    causal: bool = True,
 ) -> HeadStats:
-    """The authors' algorithm, literally: full L x L causal softmax per head, their triangular mask
-    (with the first `exclude_sink_tokens` key columns cleared from it when asked).
+    """The authors' algorithm, literally: full L x L softmax per head (causal, or over every key when
+    `causal=False`), their triangular mask (with the first `exclude_sink_tokens` key columns cleared
+    from it when asked).
 
     O(L^2) memory per head. Ground truth for tests and benchmarks only.
     """
@@ -83,11 +92,13 @@ def reference_head_stats(
         torch.ones(mask_size, mask_size, device=q_HLD.device)
     )
     far_mask[:, :exclude_sink_tokens] = 0
-    causal = torch.full((length, length), float("-inf"), device=q_HLD.device).triu(1)
+    future = torch.full((length, length), float("-inf"), device=q_HLD.device).triu(1)
     ds, variance = [], []
     for h in range(heads):
         k = k_KLD[h // (heads // kv_heads)].float()
-        scores = q_HLD[h].float() @ k.transpose(0, 1) / math.sqrt(dim) + causal
+        scores = q_HLD[h].float() @ k.transpose(0, 1) / math.sqrt(dim)
+        if causal:
+            scores = scores + future
         attn = torch.softmax(scores, dim=-1, dtype=torch.float32)
         masked = attn * far_mask
         variance.append(masked.double().var())
@@ -102,11 +113,13 @@ def blocked_head_sums(
     block_q: int = 256,
     block_k: int = 512,
     exclude_sink_tokens: int = 0,
+    causal: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head S1 = sum(Mt), S2 = sum(Mt^2) without materialising L x L.
 
-    For each query block, key blocks up to the causal diagonal (later tiles are skipped) with an online
-    softmax: running row max m and normaliser l, and running far-region sums s1 = sum exp(s - m) and
+    For each query block, key blocks up to the causal diagonal (later tiles are skipped; with
+    `causal=False` every key block, since the normaliser runs over all L keys) with an online softmax:
+    running row max m and normaliser l, and running far-region sums s1 = sum exp(s - m) and
     s2 = sum exp(2(s - m)), all rescaled when m grows. At the end a row's sum of p over far keys is s1 / l
     and of p^2 is s2 / l^2. Scores and sums are float32 whatever the input dtype; totals float64.
     Keys before `exclude_sink_tokens` stay in the normaliser but not in the far region.
@@ -128,11 +141,12 @@ def blocked_head_sums(
         norm = torch.zeros((kv_heads, rep, n), device=device)
         s1 = torch.zeros_like(norm)
         s2 = torch.zeros_like(norm)
-        for c0 in range(0, r1, block_k):
-            c1 = min(c0 + block_k, r1)
+        last_key = r1 if causal else length
+        for c0 in range(0, last_key, block_k):
+            c1 = min(c0 + block_k, last_key)
             s = torch.bmm(q_blk, k[:, c0:c1].transpose(1, 2)).view(kv_heads, rep, n, c1 - c0)
             cols = torch.arange(c0, c1, device=device)[None, :]
-            if c1 - 1 > r0:  # tile crosses the diagonal: hide future keys
+            if causal and c1 - 1 > r0:  # tile crosses the diagonal: hide future keys
                 s.masked_fill_(cols > rows, float("-inf"))
             m_new = torch.maximum(m, s.amax(-1))
             alpha = torch.exp(m - m_new)
@@ -162,10 +176,11 @@ def blocked_head_stats(
     block_q: int = 256,
     block_k: int = 512,
     exclude_sink_tokens: int = 0,
+    causal: bool = True,
 ) -> HeadStats:
     length = q_HLD.shape[1]
     k_dist = default_min_distance(length) if min_distance is None else min_distance
-    sums = blocked_head_sums(q_HLD, k_KLD, k_dist, block_q, block_k, exclude_sink_tokens)
+    sums = blocked_head_sums(q_HLD, k_KLD, k_dist, block_q, block_k, exclude_sink_tokens, causal)
     return stats_from_sums(*sums, length)
 
 
@@ -175,16 +190,21 @@ def head_stats(
     min_distance: int | None = None,
     impl: str = "blocked",
     exclude_sink_tokens: int = 0,
+    causal: bool = True,
 ) -> HeadStats:
-    """One entry point for the three implementations (`scoring.impl`)."""
+    """One entry point for the three implementations (`scoring.impl`); `causal` as `scoring.causal`."""
     if exclude_sink_tokens < 0:
         raise ConfigError(f"scoring.exclude_sink_tokens={exclude_sink_tokens}: must be >= 0")
     if impl == "reference":
-        return reference_head_stats(q_HLD, k_KLD, min_distance, exclude_sink_tokens)
+        return reference_head_stats(q_HLD, k_KLD, min_distance, exclude_sink_tokens, causal)
     if impl == "blocked":
-        return blocked_head_stats(q_HLD, k_KLD, min_distance, exclude_sink_tokens=exclude_sink_tokens)
+        return blocked_head_stats(
+            q_HLD, k_KLD, min_distance, exclude_sink_tokens=exclude_sink_tokens, causal=causal
+        )
     if impl == "triton":
         from selection.scorers.attention_stats_triton import triton_head_stats
 
-        return triton_head_stats(q_HLD, k_KLD, min_distance, exclude_sink_tokens=exclude_sink_tokens)
+        return triton_head_stats(
+            q_HLD, k_KLD, min_distance, exclude_sink_tokens=exclude_sink_tokens, causal=causal
+        )
     raise ConfigError(f"scoring.impl={impl}: choose one of {IMPLS} (or auto)")

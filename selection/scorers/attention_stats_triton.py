@@ -1,7 +1,8 @@
 """Fused Triton kernel for LongAttn's per-head sums (same maths as `blocked_head_sums`, one pass).
 
 One program per (query block, query head): it loads its query tile once, walks key tiles only up to the
-causal diagonal (later tiles are never visited), keeps an online softmax (row max m, normaliser l) and
+causal diagonal (later tiles are never visited; with CAUSAL off, every key tile, since the normaliser then
+runs over all L keys), keeps an online softmax (row max m, normaliser l) and
 running far-region sums s1 = sum exp(s - m), s2 = sum exp(2(s - m)) in float32 registers, and writes
 per-row sums of p and p^2 (s1 / l, s2 / l^2). The host adds rows in float64. Inputs bf16/fp16/fp32;
 fp32 inputs use IEEE dot products (no TF32) so they agree with the reference to 1e-4.
@@ -40,6 +41,7 @@ def _far_sums_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     block = tl.program_id(0)
     head = tl.program_id(1)
@@ -56,7 +58,10 @@ def _far_sums_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     s1 = tl.zeros([BLOCK_M], tl.float32)
     s2 = tl.zeros([BLOCK_M], tl.float32)
-    hi = tl.minimum((block + 1) * BLOCK_M, length)  # causal tile skipping
+    if CAUSAL:  # noqa: SIM108  (a constexpr branch the Triton compiler resolves)
+        hi = tl.minimum((block + 1) * BLOCK_M, length)  # causal tile skipping
+    else:
+        hi = length
     for start in range(0, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         k = tl.load(
@@ -68,7 +73,9 @@ def _far_sums_kernel(
             s = tl.dot(q, k, input_precision="ieee") * scale
         else:
             s = tl.dot(q, k) * scale
-        visible = (cols[None, :] <= rows[:, None]) & (cols[None, :] < length)
+        visible = cols[None, :] < length
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= rows[:, None])
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
@@ -92,6 +99,7 @@ def triton_head_sums(
     block_m: int = 64,
     block_n: int = 64,
     exclude_sink_tokens: int = 0,
+    causal: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     heads, kv_heads, length, dim = _check(q_HLD, k_KLD, min_distance)
     q, k = q_HLD.contiguous(), k_KLD.contiguous()
@@ -123,6 +131,7 @@ def triton_head_sums(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         IEEE=q.dtype == torch.float32,
+        CAUSAL=bool(causal),
     )
     return out1.sum(-1, dtype=torch.float64), out2.sum(-1, dtype=torch.float64)
 
@@ -134,8 +143,9 @@ def triton_head_stats(
     block_m: int = 64,
     block_n: int = 64,
     exclude_sink_tokens: int = 0,
+    causal: bool = True,
 ) -> HeadStats:
     length = q_HLD.shape[1]
     k_dist = default_min_distance(length) if min_distance is None else min_distance
-    sums = triton_head_sums(q_HLD, k_KLD, k_dist, block_m, block_n, exclude_sink_tokens)
+    sums = triton_head_sums(q_HLD, k_KLD, k_dist, block_m, block_n, exclude_sink_tokens, causal)
     return stats_from_sums(*sums, length)

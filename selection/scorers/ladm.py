@@ -37,7 +37,8 @@ class LadmOptions:
     impl: str = "fast"
     """fast (vectorised over distances) | reference (the authors' loops, literally)."""
     dtype: str = "auto"
-    """Model dtype: float32 | bfloat16 | float16 | auto (bfloat16 on CUDA, float32 on CPU)."""
+    """Model dtype: float32 | bfloat16 | float16 | auto (selection.scorer_model.dtype on CUDA, float32 on
+    CPU). The authors load their model in float16 (LADM score.py)."""
 
     def __post_init__(self) -> None:
         if self.ablation not in ABLATIONS:
@@ -150,7 +151,7 @@ class LadmScorer:
 
         self.options = opts = typed_options(LadmOptions, setup.options, "ladm")
         device = torch.device(setup.device)
-        dtype = resolve_dtype(opts.dtype, setup.device, "bfloat16")
+        dtype = resolve_dtype(opts.dtype, setup.device, setup.model_dtype)
         path = resolve_model_path(setup.model, setup.cache_dir)
         self.model = (
             AutoModel.from_pretrained(path, dtype=dtype, attn_implementation=CAPTURE).to(device).eval()

@@ -42,6 +42,7 @@ class ProLongOptions:
     impl: str = "batched"
     """batched | reference (one forward per sequence, full logits, the authors' loss code)."""
     dtype: str = "auto"
+    """auto = selection.scorer_model.dtype on CUDA (OPT-350M: float16, as the authors), float32 on CPU."""
 
     def __post_init__(self) -> None:
         if self.few_pairs not in ("authors", "all"):
@@ -118,7 +119,7 @@ class ProLongScorer:
         self.options = opts = typed_options(ProLongOptions, setup.options, "prolong")
         self.seed = opts.seed
         device = torch.device(setup.device)
-        dtype = resolve_dtype(opts.dtype, setup.device, "float16")
+        dtype = resolve_dtype(opts.dtype, setup.device, setup.model_dtype, "float16")
         path = resolve_model_path(setup.model, setup.cache_dir)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         self.device = device
@@ -136,7 +137,9 @@ class ProLongScorer:
         if self.windows_tokenizer is None:
             return [int(t) for t in window]
         text = self.windows_tokenizer.decode([int(t) for t in window])
-        return self.tokenizer(text).input_ids  # with the scorer's special tokens, as the authors
+        # No BOS, as the authors (`add_bos_token=False`, `add_eos_token=False` on OPT's tokenizer, which
+        # otherwise prepends `</s>`): the first chunk starts at the text's first token.
+        return self.tokenizer(text, add_special_tokens=False).input_ids
 
     @torch.no_grad()
     def _perplexities(self, sequences: list[list[int]], scored: int) -> list[float]:

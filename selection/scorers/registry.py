@@ -27,6 +27,8 @@ class ScorerSetup:
     windows_tokenizer: str | None = None
     """name_or_path whose tokenizer produced the window ids (text-based scorers decode with it)."""
     seed: int = 0
+    model_dtype: str | None = None
+    """`selection.scorer_model.dtype`: what `scoring.dtype: auto` means on CUDA."""
 
 
 class WindowScorer(Protocol):
@@ -70,12 +72,19 @@ def typed_options(cls, options: dict[str, Any], method: str):
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def resolve_dtype(name: str, device: str, cuda_default: str = "bfloat16"):
-    """`selection.scoring.dtype`: a name, or auto = `cuda_default` on CUDA and float32 elsewhere."""
+def resolve_dtype(name: str, device: str, model_dtype: str | None = None, fallback: str = "bfloat16"):
+    """`selection.scoring.dtype`: a name, or auto = the scorer model's own `dtype`
+    (`selection.scorer_model.dtype`; `fallback` when none is given) on CUDA, and float32 on CPU, where
+    half-precision matmuls are slow and exact statistics cost nothing extra."""
     import torch
 
     if name == "auto":
-        name = cuda_default if torch.device(device).type == "cuda" else "float32"
+        if torch.device(device).type != "cuda":
+            name = "float32"
+        else:
+            name = model_dtype or fallback
+            if name not in DTYPES:
+                raise ConfigError(f"selection.scorer_model.dtype={name}: choose one of {DTYPES}")
     if name not in DTYPES:
         raise ConfigError(f"selection.scoring.dtype={name}: choose one of {DTYPES} or auto")
     return getattr(torch, name)
