@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.errors import UserError
+from common.errors import ConfigError, UserError
 from common.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -284,7 +284,7 @@ def _reason_kind(reason: str) -> str:
 
 def check_bad_record_policy(on_bad_record: str) -> None:
     if on_bad_record not in BAD_RECORD_POLICIES:
-        raise CorpusError(f"data.on_bad_record={on_bad_record}: use one of {BAD_RECORD_POLICIES}")
+        raise ConfigError(f"data.on_bad_record={on_bad_record}: use one of {BAD_RECORD_POLICIES}")
 
 
 def validated_documents(

@@ -88,6 +88,11 @@ def check_lengths(conf: dict[str, Any]) -> None:
             )
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Fail on an unknown suite or a length over `evaluation.max_length` before any stage runs."""
+    check_lengths(OmegaConf.to_container(cfg.evaluation, resolve=True))
+
+
 def check_generation_budgets(tasks: dict[str, list[dict[str, Any]]], max_length: int) -> None:
     """A task whose generation budget fills the window leaves no room for its prompt (lm-eval would stop
     with an assertion after the model has loaded)."""

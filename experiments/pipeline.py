@@ -85,6 +85,8 @@ def run_stage(
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     """Returns {stage: manifest}; writes artifacts.json (stage -> artifact dir) into the run directory."""
     requested = validate_stages(list(cfg.stages))
+    for name in requested:  # every requested stage's config, before the first one runs
+        STAGES[name].check_config(cfg)
     artifacts_dir = Path(cfg.paths.artifacts_dir).expanduser().resolve()
     run_dir = Path(cfg.paths.output_dir).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,10 @@ class StageSpec:
     """Extra keys of this stage that do not change results."""
     inputs_for: str | None = None
     """"module:function" (cfg) -> the inputs actually needed, when they depend on the config."""
+    check: str | None = None
+    """"module:function" (cfg) -> None, raising a ConfigError on a bad value. The pipeline checks every
+    requested stage before the first one runs, so a typo in `selection` does not surface after hours of
+    prepare and score."""
 
     def _load(self, ref: str) -> Callable[..., Any]:
         module, func = ref.split(":")
@@ -57,6 +61,10 @@ class StageSpec:
     def check_implemented(self) -> None:
         if self.runner is None:
             raise StageNotImplementedError(self.name, self.pending)
+
+    def check_config(self, cfg: DictConfig) -> None:
+        if self.check:
+            self._load(self.check)(cfg)
 
     def run(self, cfg: DictConfig, ctx: StageContext) -> dict[str, Any] | None:
         self.check_implemented()
@@ -86,6 +94,7 @@ STAGES: dict[str, StageSpec] = {
             ("data", "model.name_or_path"),
             "selection.prepare:run",
             extras="selection.prepare:fingerprint_extras",
+            check="selection.prepare:check_config",
         ),
         StageSpec(
             "score",
@@ -97,6 +106,7 @@ STAGES: dict[str, StageSpec] = {
                 "selection.scorer_model.dtype",
             ),
             "selection.score:run",
+            check="selection.score:check_config",
             # 2: ProLong re-tokenizes without BOS; scoring.dtype auto follows scorer_model.dtype on CUDA
             version=2,
             distributed=True,
@@ -107,6 +117,7 @@ STAGES: dict[str, StageSpec] = {
             ("prepare", "score"),
             ("selection", "model.name_or_path"),
             "selection.select:run",
+            check="selection.select:check_config",
             # the scorer and its run-time knobs are already in the score fingerprint
             ignored=("scorer_model", "batch_size", "device", "wait_timeout_s"),
         ),
@@ -134,6 +145,7 @@ STAGES: dict[str, StageSpec] = {
             ("train",),
             ("evaluation",),
             "evaluation.stage:run",
+            check="evaluation.stage:check_config",
             extras="evaluation.stage:fingerprint_extras",
             # evaluation.model set: any HF dir / Hub id, no train artifact needed
             inputs_for="evaluation.stage:stage_inputs",
@@ -145,6 +157,7 @@ STAGES: dict[str, StageSpec] = {
             (),
             ("evaluation", "model.name_or_path"),
             "evaluation.stage:run_base",
+            check="evaluation.stage:check_config",
             # the same evaluation on the untrained model.name_or_path (evaluation.model does not apply)
             ignored=("batch_size", "device", "backend", "tensor_parallel_size", "model"),
         ),

@@ -90,6 +90,11 @@ class PrepareConfig:
         return cls(sources=sources, tokenizer=cfg.model.name_or_path, **known)
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Fail on a bad `data` value before any stage runs."""
+    check_bad_record_policy(PrepareConfig.from_cfg(cfg).on_bad_record)
+
+
 def fingerprint_extras(cfg: DictConfig) -> dict[str, Any]:
     """What identifies the corpus content beyond the config: file sizes/mtimes, Python version (demo)."""
     conf = PrepareConfig.from_cfg(cfg)

@@ -30,7 +30,7 @@ from common.distributed import RankInfo, rank_info, wait_until
 from common.errors import ConfigError, MissingInputError, UserError
 from common.model_sources import load_tokenizer
 from common.stage import StageContext
-from selection.scorers.registry import ScorerSetup, build_scorer, scorer_class
+from selection.scorers.registry import ScorerSetup, build_scorer, scorer_class, typed_options
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,13 @@ class ScoreConfig:
             device=sel.get("device", "auto"),
             wait_timeout_s=sel.get("wait_timeout_s"),
         )
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail on a bad `selection` or `selection.scoring` value before any stage runs."""
+    conf = ScoreConfig.from_cfg(cfg)
+    scorer = scorer_class(conf.method)
+    typed_options(scorer.options_class, conf.options, conf.method)
 
 
 def resolve_device(device: str, ranks: RankInfo) -> str:

@@ -67,11 +67,21 @@ class SelectConfig:
             )
         if self.budget_tokens is not None:
             self.fraction = None
+        elif self.fraction is None or not 0 < self.fraction <= 1:
+            raise ConfigError(
+                f"selection.fraction={self.fraction}: must be in (0, 1], or set selection.budget_tokens"
+            )
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> SelectConfig:
         sel = OmegaConf.to_container(cfg.selection, resolve=True)
         return cls(**{k: sel[k] for k in cls.__dataclass_fields__ if k in sel})
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail on a bad `selection` value before any stage runs, not after hours of scoring."""
+    conf = SelectConfig.from_cfg(cfg)
+    SCORE_RULES.get(conf.method)
 
 
 ScoreRule = Callable[[pa.Table, SelectConfig], np.ndarray]

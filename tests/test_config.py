@@ -96,3 +96,23 @@ def test_makefile_picks_python311_else_python3_and_says_which(tmp_path, names):
     )
     assert done.returncode == 0, done.stderr
     assert f'echo "using {bin_dir / names[-1]} (' in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("selection.fraction=0", r"selection\.fraction=0: must be in \(0, 1\]"),
+        ("selection.scoring.impl=fast", r"selection\.scoring\.impl=fast"),
+        ("+selection.scoring.colour=red", r"selection\.scoring: unknown key\(s\) \['colour'\]"),
+        ("evaluation.max_length=512", r"exceeds evaluation\.max_length=512"),
+        ("data.on_bad_record=ignore", r"data\.on_bad_record=ignore"),
+    ],
+)
+def test_every_requested_stage_is_checked_before_the_first_runs(make_cfg, tmp_path, override, message):
+    from common.errors import ConfigError
+    from experiments.pipeline import run_pipeline
+
+    cfg = make_cfg("debug=tiny", override)
+    with pytest.raises(ConfigError, match=message):
+        run_pipeline(cfg)
+    assert not (tmp_path / "artifacts").exists()

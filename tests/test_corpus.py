@@ -7,6 +7,7 @@ import json
 import pytest
 
 from common.corpus import CorpusError, CorpusStats, SourceSpec, expand_source_files, iter_documents
+from common.errors import ConfigError
 
 
 def docs(*specs: SourceSpec, policy: str = "error", stats: CorpusStats | None = None) -> list[dict]:
@@ -78,7 +79,7 @@ def test_skip_policy_counts_and_reports(messy_jsonl):
 
 
 def test_unknown_policy_is_rejected(messy_jsonl):
-    with pytest.raises(CorpusError, match="data.on_bad_record=maybe"):
+    with pytest.raises(ConfigError, match="data.on_bad_record=maybe"):
         docs(SourceSpec(domain="book", path=str(messy_jsonl)), policy="maybe")
 
 

@@ -61,6 +61,7 @@ def test_bad_config_values_are_one_line_naming_the_key(tmp_path, override, messa
         returncode=USER_ERROR_EXIT_CODE,
     )
     assert error_line(done).startswith(f"error: {message}")
+    assert not (tmp_path / "artifacts").exists()  # checked before prepare ran, not after scoring
 
 
 def test_hydra_full_error_shows_the_traceback_of_a_user_error(tmp_path):

@@ -140,6 +140,8 @@ def layer_cds_reference(q_HLD: torch.Tensor, k_KLD: torch.Tensor, opts: LadmOpti
 class LadmScorer:
     """All layers of the scorer model; each layer's CDS from q/k captured during an SDPA forward."""
 
+    options_class = LadmOptions
+
     columns = ["cds"]
     requires_window_vocabulary = True
 

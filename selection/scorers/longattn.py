@@ -114,6 +114,7 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 
 
 class LongAttnScorer:
+    options_class = LongAttnOptions
     requires_window_vocabulary = True
 
     def __init__(self, setup: ScorerSetup) -> None:

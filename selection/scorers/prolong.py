@@ -108,6 +108,7 @@ def sample_pairs(
 
 
 class ProLongScorer:
+    options_class = ProLongOptions
     columns = ["lds", "n_chunks", "n_pairs", "mean_delta", "frac_above_threshold"]
     requires_window_vocabulary = False  # text-based: windows are re-tokenized when the vocabularies differ
 

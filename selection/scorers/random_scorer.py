@@ -19,6 +19,7 @@ class RandomOptions:
 
 
 class RandomScorer:
+    options_class = RandomOptions
     columns = ["u"]
     requires_window_vocabulary = False
 
