@@ -38,6 +38,8 @@ class StageSpec:
     """Extra keys of this stage that do not change results."""
     inputs_for: str | None = None
     """"module:function" (cfg) -> the inputs actually needed, when they depend on the config."""
+    skip_if: str | None = None
+    """"module:function" (cfg) -> why this stage has nothing to do for the config (None: it runs)."""
 
     def _load(self, ref: str) -> Callable[..., Any]:
         module, func = ref.split(":")
@@ -45,6 +47,9 @@ class StageSpec:
 
     def input_names(self, cfg: DictConfig) -> tuple[str, ...]:
         return tuple(self._load(self.inputs_for)(cfg)) if self.inputs_for else self.inputs
+
+    def skip_reason(self, cfg: DictConfig) -> str | None:
+        return self._load(self.skip_if)(cfg) if self.skip_if else None
 
     def check_implemented(self) -> None:
         if self.runner is None:
@@ -86,14 +91,16 @@ STAGES: dict[str, StageSpec] = {
             "selection.score:run",
             distributed=True,
             ignored=("batch_size", "device", "wait_timeout_s"),
+            skip_if="selection.score:skip_reason",  # selection=all
         ),
         StageSpec(
             "select",
             ("prepare", "score"),
             ("selection", "model.name_or_path"),
             "selection.select:run",
-            # the scorer and its run-time knobs are already in the score fingerprint
-            ignored=("scorer_model", "batch_size", "device", "wait_timeout_s"),
+            # the scorer and its run-time knobs are already in the score fingerprint; the label names rows
+            ignored=("scorer_model", "batch_size", "device", "wait_timeout_s", "label"),
+            inputs_for="selection.select:stage_inputs",  # selection=all reads no scores
         ),
         StageSpec(
             "train",
@@ -110,6 +117,7 @@ STAGES: dict[str, StageSpec] = {
                 "num_gpus",
                 "num_nodes",
                 "launcher",
+                "hostfile",
                 "device",
                 "peak_flops",
             ),

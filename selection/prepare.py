@@ -24,7 +24,7 @@ from common.atomic import atomic_write
 from common.corpus import CorpusError, CorpusStats, SourceSpec, iter_documents, source_signature
 from common.model_sources import load_tokenizer
 from common.stage import StageContext
-from selection.windows import window_id, window_starts
+from selection.windows import WINDOWINGS, document_window_starts, window_id
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,9 @@ class PrepareConfig:
     """Tokens per window (32768 in the paper)."""
     keep_exact_fit: bool = False
     """Give a document of exactly window_size tokens its window (the authors' code gives none)."""
+    windowing: str = "sliding"
+    """sliding: Algorithm 1; first: one window per document, its first window_size tokens (a corpus that
+    is already windows, such as the released LongABC-32K)."""
     max_windows_per_domain: int | None = None
     """Keep at most this many windows per domain, sampled with `seed` (None keeps all)."""
     seed: int = 0
@@ -53,6 +56,8 @@ class PrepareConfig:
     tokenizer: str = "???"
 
     def __post_init__(self) -> None:
+        if self.windowing not in WINDOWINGS:
+            raise CorpusError(f"data.windowing={self.windowing}: choose one of {WINDOWINGS}")
         if self.window_size <= 0:
             raise CorpusError(f"data.window_size={self.window_size}: must be a positive number of tokens")
         if not self.sources:
@@ -90,7 +95,9 @@ def fingerprint_extras(cfg: DictConfig) -> dict[str, Any]:
     return {"sources": [source_signature(s) for s in conf.sources], "python": list(sys.version_info[:2])}
 
 
-def cut_windows(batch: dict[str, list], tokenizer, window: int, keep_exact_fit: bool) -> dict[str, list]:
+def cut_windows(
+    batch: dict[str, list], tokenizer, window: int, keep_exact_fit: bool, windowing: str = "sliding"
+) -> dict[str, list]:
     """datasets.map function: tokenize documents (no special tokens) and emit window rows.
 
     One extra summary row per document (position -1, no tokens) carries its length for the manifest.
@@ -113,7 +120,7 @@ def cut_windows(batch: dict[str, list], tokenizer, window: int, keep_exact_fit: 
 
     for domain, source_id, ids in zip(batch["domain"], batch["source_id"], encoded):
         emit(domain, source_id, SUMMARY_POSITION, 0, len(ids), [])
-        for position, start in enumerate(window_starts(len(ids), window, keep_exact_fit)):
+        for position, start in enumerate(document_window_starts(len(ids), window, windowing, keep_exact_fit)):
             emit(domain, source_id, position, start, window, ids[start : start + window])
     return out
 
@@ -197,7 +204,12 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
         remove_columns=docs.column_names,
         features=features,
         desc="tokenizing + windowing",
-        fn_kwargs={"tokenizer": tokenizer, "window": conf.window_size, "keep_exact_fit": conf.keep_exact_fit},
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "window": conf.window_size,
+            "keep_exact_fit": conf.keep_exact_fit,
+            "windowing": conf.windowing,
+        },
     )
 
     meta = rows.select_columns(["id", "domain", "position", "n_tokens"]).to_dict()
@@ -206,7 +218,9 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     for i, (domain, position, n) in enumerate(zip(meta["domain"], meta["position"], meta["n_tokens"])):
         if position == SUMMARY_POSITION:
             doc_tokens[domain] += n
-            short_docs[domain] += n < conf.window_size or (n == conf.window_size and not conf.keep_exact_fit)
+            short_docs[domain] += not document_window_starts(
+                n, conf.window_size, conf.windowing, conf.keep_exact_fit
+            )
         else:
             windows_found[domain] += 1
             window_rows.append(i)
