@@ -37,6 +37,9 @@ def test_labels_follow_the_paper():
         == "LongAttn-8 w/o DU_T"
     )
     assert method_label({"method": "random"}) == "Random" and method_label({"method": "prolong"}) == "ProLong"
+    # the released LongABC-32K (selection=all) sits beside the paper's LongAttn-70 rows by its label
+    assert method_label({"method": "all", "label": "LongAttn-70"}) == "LongAttn-70"
+    assert method_label({"method": "all", "label": None}) == "all"
     assert base_model_label("meta-llama/Meta-Llama-3-8B") == "LLaMA-3-Base"
     assert tokens_label(5e9) == "5B" and tokens_label(8192) == "8,192" and tokens_label(None) == "0"
 
@@ -104,17 +107,21 @@ def test_every_experiment_runs_end_to_end_in_one_tiny_sweep(tmp_path):
     )
     members = sorted(p.parent for p in sweep.glob("*/artifacts.json"))
     assert len(members) == len(EXPERIMENTS)
+    unscored = members[EXPERIMENTS.index("released_data_32k")]  # selection=all: no score stage
     for member in members:
         index = json.loads((member / "artifacts.json").read_text())
-        assert set(index) == {"prepare", "score", "select", "train", "evaluate", "report"}, member
+        stages = {"prepare", "score", "select", "train", "evaluate", "report"} - (
+            {"score"} if member == unscored else set()
+        )
+        assert set(index) == stages, member
         assert (Path(index["report"]) / "report.md").is_file()
     # scoring runs once per distinct scorer config, not once per experiment
-    scores = {json.loads((m / "artifacts.json").read_text())["score"] for m in members}
+    scores = {json.loads((m / "artifacts.json").read_text()).get("score") for m in members} - {None}
     selects = {json.loads((m / "artifacts.json").read_text())["select"] for m in members}
     assert (
         len(scores) == 5
     )  # demo LongAttn, LongAttn (theta 2.5e6: 8B/70B/ablations on tiny), Random, ProLong, LADM
-    assert len(selects) == 7  # alpha=1 and w/o DU_T select differently from the same scores
+    assert len(selects) == 8  # alpha=1 and w/o DU_T select differently from the same scores; select-all
     assert "score: reused artifact" in done.stdout + done.stderr
     # the demo's report: its own numbers, n/a for the paper's columns
     demo = members[EXPERIMENTS.index("demo")]
