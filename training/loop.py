@@ -275,6 +275,9 @@ def _manifest(
             model.non_embedding, config.num_hidden_layers, config.hidden_size, job.conf.seq_len
         ),
         "zero_stage": zero_stage(model.ds_config),
+        # as the DeepSpeed engine resolved them (fp32 by default: training.grad_accum_dtype / grad_reduce_dtype)
+        "grad_accum_dtype": str(model.engine.get_data_types()[1]).removeprefix("torch."),
+        "grad_reduce_dtype": str(model.engine.communication_data_type).removeprefix("torch."),
         "attn_implementation": config._attn_implementation,
         "first_loss": records[0]["loss"] if records else None,
         "final_loss": records[-1]["loss"] if records else None,
