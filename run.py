@@ -11,7 +11,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from common.errors import USER_ERROR_EXIT_CODE, UserError
-from experiments.launch import needs_launch, relaunch
+from experiments.launch import Launch, needs_launch, relaunch
 from experiments.pipeline import run_pipeline
 
 
@@ -34,9 +34,7 @@ def run(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     if needs_launch(train.num_gpus, train.num_nodes, list(cfg.stages), os.environ):
         code = relaunch(
-            train.launcher,
-            train.num_gpus,
-            train.num_nodes,
+            Launch(train.launcher, train.num_gpus, train.num_nodes, train.get("hostfile")),
             os.path.abspath(__file__),
             hydra_cfg.runtime.output_dir,
             list(hydra_cfg.overrides.task),

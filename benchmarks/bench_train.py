@@ -162,8 +162,8 @@ def run_step(args) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         began = time.perf_counter()
-        loss = engine(input_ids=ids, position_ids=pos)
-        engine.backward(loss)
+        summed = engine(input_ids=ids, position_ids=pos, labels=ids)  # summed over the seq_len - 1 targets
+        engine.backward(summed / (args.seq_len - 1))
         engine.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)

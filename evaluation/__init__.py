@@ -1,1 +1,3 @@
-"""Evaluation suites (not implemented yet: the evaluate stage says so when asked for)."""
+"""Evaluation: the `evaluate` stage (evaluation/stage.py) runs NIAH, RULER, LongBench and the short suites
+through lm-eval on one model (HF or vLLM backend) and writes the paper's columns. Imports only `common/`.
+"""

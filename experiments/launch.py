@@ -5,20 +5,57 @@ The children get the job's own overrides (not a sweep's `-m` arguments) and LONG
 rank resolves the same Hydra run directory. Stages synchronise through the artifact directory: prepare
 and select run on rank 0 while the others wait, score shards windows by rank, train runs on every rank.
 
-Multi-node: run the same command on every node with `training.num_nodes=N` and, in the environment,
-NODE_RANK, MASTER_ADDR and MASTER_PORT (what SLURM's `srun` wrappers usually export; see README).
-With `training.launcher=deepspeed`, a `hostfile` in the working directory is used as DeepSpeed expects.
+Multi-node, the documented path: torchrun, ONE command per node (SLURM: one task per node), joined by a
+c10d rendezvous at MASTER_ADDR:MASTER_PORT; node ranks are assigned by the rendezvous. Every node needs
+the same LONGATTN_RUN_DIR (on the shared filesystem), which also names the rendezvous unless
+SLURM_JOB_ID or LONGATTN_RDZV_ID does.
+
+The DeepSpeed runner (`training.launcher=deepspeed`) is the other way: run ONCE, on the first host of a
+hostfile (`training.hostfile`); it starts every node itself over ssh (pdsh). It forwards only some
+environment variables, so the ones the job needs are written to `<run dir>/.deepspeed_env` (mode 0600:
+it may hold HF_TOKEN / WANDB_API_KEY) and handed to it as DS_ENV_FILE.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 from common.distributed import rank_info
 from common.errors import ConfigError
+
+DEFAULT_PORT = "29500"
+DEEPSPEED_ENV_FILE = ".deepspeed_env"
+# Variables a remote rank needs (prefixes); the DeepSpeed runner itself forwards only PYTHON*, NCCL*, UCX*...
+FORWARDED_ENV_PREFIXES = (
+    "LONGATTN_",
+    "HF_",
+    "HUGGING_FACE_",
+    "TRANSFORMERS_",
+    "WANDB_",
+    "TORCH_EXTENSIONS_DIR",
+    "TOKENIZERS_PARALLELISM",
+    "OMP_NUM_THREADS",
+    "PYTORCH_",
+    "CUBLAS_WORKSPACE_CONFIG",
+    "FLASH_ATTENTION_DETERMINISTIC",
+    "TRITON_",
+)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What `training.*` says about the processes to start."""
+
+    launcher: str
+    num_gpus: int
+    num_nodes: int = 1
+    hostfile: str | None = None
 
 
 def needs_launch(num_gpus: int, num_nodes: int, stages: Sequence[str], env: Mapping[str, str]) -> bool:
@@ -26,45 +63,82 @@ def needs_launch(num_gpus: int, num_nodes: int, stages: Sequence[str], env: Mapp
     return num_gpus * num_nodes > 1 and "train" in stages and "WORLD_SIZE" not in env
 
 
-def launch_command(
-    launcher: str,
-    num_gpus: int,
-    num_nodes: int,
-    script: str,
-    overrides: Sequence[str],
-    env: Mapping[str, str],
+def rendezvous_id(env: Mapping[str, str]) -> str:
+    """The same on every node of one job: LONGATTN_RDZV_ID, SLURM_JOB_ID, or a hash of the run dir."""
+    if env.get("LONGATTN_RDZV_ID"):
+        return env["LONGATTN_RDZV_ID"]
+    if env.get("SLURM_JOB_ID"):
+        return f"slurm-{env['SLURM_JOB_ID']}"
+    return "run-" + hashlib.sha1(env["LONGATTN_RUN_DIR"].encode()).hexdigest()[:12]
+
+
+def torchrun_command(
+    launch: Launch, script: str, overrides: Sequence[str], env: Mapping[str, str]
 ) -> list[str]:
-    if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_gpus}"]
-        if num_nodes > 1:
-            missing = [k for k in ("NODE_RANK", "MASTER_ADDR") if k not in env]
-            if missing:
-                raise ConfigError(
-                    f"training.num_nodes={num_nodes}: set {', '.join(missing)} (and MASTER_PORT) on every node"
-                )
-            cmd += [
-                f"--nnodes={num_nodes}",
-                f"--node_rank={env['NODE_RANK']}",
-                f"--master_addr={env['MASTER_ADDR']}",
-                f"--master_port={env.get('MASTER_PORT', '29500')}",
-            ]
-        else:
-            cmd += ["--standalone"]
-        return [*cmd, script, *overrides]
-    if launcher == "deepspeed":
-        cmd = ["deepspeed", f"--num_gpus={num_gpus}", f"--num_nodes={num_nodes}", "--no_local_rank"]
-        if num_nodes > 1 and os.path.isfile("hostfile"):
-            cmd.append("--hostfile=hostfile")
-        return [*cmd, script, *overrides]
-    raise ConfigError(f"training.launcher={launcher}: choose torchrun or deepspeed")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launch.num_gpus}"]
+    if launch.num_nodes == 1:
+        return [*cmd, "--standalone", script, *overrides]
+    missing = [k for k in ("MASTER_ADDR", "LONGATTN_RUN_DIR") if not env.get(k)]
+    if missing:
+        raise ConfigError(
+            f"training.num_nodes={launch.num_nodes}: set {' and '.join(missing)} on every node (MASTER_ADDR: "
+            "the first node's address; LONGATTN_RUN_DIR: one run directory on the shared filesystem)"
+        )
+    return [
+        *cmd,
+        f"--nnodes={launch.num_nodes}",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint={env['MASTER_ADDR']}:{env.get('MASTER_PORT') or DEFAULT_PORT}",
+        f"--rdzv_id={rendezvous_id(env)}",
+        script,
+        *overrides,
+    ]
 
 
-def relaunch(
-    launcher: str, num_gpus: int, num_nodes: int, script: str, run_dir: str, overrides: Sequence[str]
-) -> int:
+def deepspeed_command(launch: Launch, script: str, overrides: Sequence[str]) -> list[str]:
+    cmd = ["deepspeed", f"--num_gpus={launch.num_gpus}", f"--num_nodes={launch.num_nodes}"]
+    if launch.num_nodes > 1:
+        if not launch.hostfile or not Path(launch.hostfile).is_file():
+            raise ConfigError(
+                f"training.launcher=deepspeed with training.num_nodes={launch.num_nodes} needs "
+                f"training.hostfile=<file with 'host slots={launch.num_gpus}' lines> (got {launch.hostfile}); "
+                "run the command once, on the first host. Or use training.launcher=torchrun on every node"
+            )
+        cmd.append(f"--hostfile={Path(launch.hostfile).resolve()}")
+    return [*cmd, "--no_local_rank", script, *overrides]
+
+
+def launch_command(
+    launch: Launch, script: str, overrides: Sequence[str], env: Mapping[str, str]
+) -> list[str]:
+    if launch.launcher == "torchrun":
+        return torchrun_command(launch, script, overrides, env)
+    if launch.launcher == "deepspeed":
+        return deepspeed_command(launch, script, overrides)
+    raise ConfigError(f"training.launcher={launch.launcher}: choose torchrun or deepspeed")
+
+
+def forwarded_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The variables the job needs on remote ranks (single-line values only: the file is KEY=VALUE lines)."""
+    return {k: v for k, v in sorted(env.items()) if k.startswith(FORWARDED_ENV_PREFIXES) and "\n" not in v}
+
+
+def write_deepspeed_env(run_dir: Path, env: Mapping[str, str]) -> Path:
+    """`<run_dir>/.deepspeed_env` (0600), read by the DeepSpeed runner through DS_ENV_FILE."""
+    path = Path(run_dir) / DEEPSPEED_ENV_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.writelines(f"{k}={v}\n" for k, v in forwarded_env(env).items())
+    return path
+
+
+def relaunch(launch: Launch, script: str, run_dir: str, overrides: Sequence[str]) -> int:
     """Run the job under the launcher and wait; returns its exit code."""
     assert rank_info().world_size == 1
+    cmd = launch_command(launch, script, overrides, os.environ)  # multi-node checks the user's variables
     env = {**os.environ, "LONGATTN_RUN_DIR": run_dir}
-    cmd = launch_command(launcher, num_gpus, num_nodes, script, overrides, env)
+    if launch.launcher == "deepspeed" and launch.num_nodes > 1:  # the runner starts remote ranks over ssh
+        env["DS_ENV_FILE"] = str(write_deepspeed_env(Path(run_dir), env).resolve())
     print("launching:", " ".join(cmd), flush=True)
     return subprocess.call(cmd, env=env)

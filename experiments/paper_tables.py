@@ -75,7 +75,10 @@ def base_model_label(name_or_path: str) -> str:
 
 
 def method_label(selection: Mapping[str, Any]) -> str:
-    """The paper's method names: Random, ProLong, LongAttn-8 / -70 (+ Table 4 ablation suffixes)."""
+    """The paper's method names: Random, ProLong, LongAttn-8 / -70 (+ Table 4 ablation suffixes), or the
+    selection's own `label` (experiment=released_data_32k: LongAttn-70, the authors' released selection)."""
+    if selection.get("label"):
+        return str(selection["label"])
     method = selection.get("method")
     if method == "random":
         return "Random"

@@ -101,6 +101,9 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     try:
         for name in requested:
             STAGES[name].check_implemented()
+            if reason := STAGES[name].skip_reason(cfg):
+                log.info("%s: skipped: %s", name, reason)
+                continue
             inputs: dict[str, Artifact] = {}
             for upstream in STAGES[name].input_names(cfg):
                 art = artifact_for(artifacts_dir, upstream, fps[upstream])

@@ -50,6 +50,8 @@ class StageSpec:
     """"module:function" (cfg) -> None, raising a ConfigError on a bad value. The pipeline checks every
     requested stage before the first one runs, so a typo in `selection` does not surface after hours of
     prepare and score."""
+    skip_if: str | None = None
+    """"module:function" (cfg) -> why this stage has nothing to do for the config (None: it runs)."""
 
     def _load(self, ref: str) -> Callable[..., Any]:
         module, func = ref.split(":")
@@ -58,12 +60,15 @@ class StageSpec:
     def input_names(self, cfg: DictConfig) -> tuple[str, ...]:
         return tuple(self._load(self.inputs_for)(cfg)) if self.inputs_for else self.inputs
 
+    def skip_reason(self, cfg: DictConfig) -> str | None:
+        return self._load(self.skip_if)(cfg) if self.skip_if else None
+
     def check_implemented(self) -> None:
         if self.runner is None:
             raise StageNotImplementedError(self.name, self.pending)
 
     def check_config(self, cfg: DictConfig) -> None:
-        if self.check:
+        if self.check and not self.skip_reason(cfg):
             self._load(self.check)(cfg)
 
     def run(self, cfg: DictConfig, ctx: StageContext) -> dict[str, Any] | None:
@@ -111,6 +116,7 @@ STAGES: dict[str, StageSpec] = {
             version=2,
             distributed=True,
             ignored=("batch_size", "device", "wait_timeout_s"),
+            skip_if="selection.score:skip_reason",  # selection=all
         ),
         StageSpec(
             "select",
@@ -118,8 +124,9 @@ STAGES: dict[str, StageSpec] = {
             ("selection", "model.name_or_path"),
             "selection.select:run",
             check="selection.select:check_config",
-            # the scorer and its run-time knobs are already in the score fingerprint
-            ignored=("scorer_model", "batch_size", "device", "wait_timeout_s"),
+            # the scorer and its run-time knobs are already in the score fingerprint; the label names rows
+            ignored=("scorer_model", "batch_size", "device", "wait_timeout_s", "label"),
+            inputs_for="selection.select:stage_inputs",  # selection=all reads no scores
         ),
         StageSpec(
             "train",
@@ -136,6 +143,7 @@ STAGES: dict[str, StageSpec] = {
                 "num_gpus",
                 "num_nodes",
                 "launcher",
+                "hostfile",
                 "device",
                 "peak_flops",
             ),

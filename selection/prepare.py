@@ -22,10 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.atomic import atomic_write
 from common.corpus import CorpusError, CorpusStats, SourceSpec, check_bad_record_policy, source_signature
+from common.errors import ConfigError
 from common.model_sources import load_tokenizer
 from common.stage import StageContext
 from selection.prepare_parts import PARTS_DIR, PartSummary, plan_units, run_units
-from selection.windows import window_id, window_starts
+from selection.windows import WINDOWINGS, document_window_starts, window_id
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ class PrepareConfig:
     """Tokens per window (32768 in the paper)."""
     keep_exact_fit: bool = False
     """Give a document of exactly window_size tokens its window (the authors' code gives none)."""
+    windowing: str = "sliding"
+    """sliding: Algorithm 1; first: one window per document, its first window_size tokens (a corpus that
+    is already windows, such as the released LongABC-32K)."""
     max_windows_per_domain: int | None = None
     """Keep at most this many windows per domain, sampled with `seed` (None keeps all)."""
     seed: int = 0
@@ -57,6 +61,8 @@ class PrepareConfig:
     tokenizer: str = "???"
 
     def __post_init__(self) -> None:
+        if self.windowing not in WINDOWINGS:
+            raise ConfigError(f"data.windowing={self.windowing}: choose one of {WINDOWINGS}")
         if self.window_size <= 0:
             raise CorpusError(f"data.window_size={self.window_size}: must be a positive number of tokens")
         if not self.sources:
@@ -101,7 +107,9 @@ def fingerprint_extras(cfg: DictConfig) -> dict[str, Any]:
     return {"sources": [source_signature(s) for s in conf.sources], "python": list(sys.version_info[:2])}
 
 
-def cut_windows(batch: dict[str, list], tokenizer, window: int, keep_exact_fit: bool) -> dict[str, list]:
+def cut_windows(
+    batch: dict[str, list], tokenizer, window: int, keep_exact_fit: bool, windowing: str = "sliding"
+) -> dict[str, list]:
     """datasets.map function: tokenize documents (no special tokens) and emit window rows.
 
     One extra summary row per document (position -1, no tokens) carries its length for the manifest.
@@ -124,7 +132,7 @@ def cut_windows(batch: dict[str, list], tokenizer, window: int, keep_exact_fit: 
 
     for domain, source_id, ids in zip(batch["domain"], batch["source_id"], encoded):
         emit(domain, source_id, SUMMARY_POSITION, 0, len(ids), [])
-        for position, start in enumerate(window_starts(len(ids), window, keep_exact_fit)):
+        for position, start in enumerate(document_window_starts(len(ids), window, windowing, keep_exact_fit)):
             emit(domain, source_id, position, start, window, ids[start : start + window])
     return out
 
@@ -216,6 +224,7 @@ def chunk_tokenizer(conf: PrepareConfig, tokenizer, work: Path):
                     "tokenizer": tokenizer,
                     "window": conf.window_size,
                     "keep_exact_fit": conf.keep_exact_fit,
+                    "windowing": conf.windowing,
                 },
             )
             positions, lengths = rows["position"], rows["n_tokens"]
@@ -223,8 +232,8 @@ def chunk_tokenizer(conf: PrepareConfig, tokenizer, work: Path):
             for position, n in zip(positions, lengths):
                 if position == SUMMARY_POSITION:
                     counts["document_tokens"] += n
-                    counts["short_documents"] += n < conf.window_size or (
-                        n == conf.window_size and not conf.keep_exact_fit
+                    counts["short_documents"] += not document_window_starts(
+                        n, conf.window_size, conf.windowing, conf.keep_exact_fit
                     )
             counts["windows_found"] = len(windows)
             if windows:

@@ -37,6 +37,15 @@ log = logging.getLogger(__name__)
 SCORES_FILE = "scores.parquet"
 PARTS_DIR = "parts"
 BASE_COLUMNS = ["id", "domain", "n_tokens"]
+UNSCORED_METHOD = "all"
+"""selection=all: no scorer; the score stage is skipped and select keeps every prepared window."""
+
+
+def skip_reason(cfg: DictConfig) -> str | None:
+    """Why the score stage has nothing to do for this config (None: it runs)."""
+    if cfg.selection.method == UNSCORED_METHOD:
+        return f"selection.method={UNSCORED_METHOD} has no scorer; select reads the prepared windows"
+    return None
 
 
 @dataclass

@@ -29,7 +29,7 @@ from selection.ranking import (
     select_per_domain,
     training_mixture,
 )
-from selection.score import SCORES_FILE
+from selection.score import SCORES_FILE, UNSCORED_METHOD
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,13 @@ def _column_rule(column: str) -> ScoreRule:
 SCORE_RULES.add("ladm", _column_rule("cds"))
 SCORE_RULES.add("prolong", _column_rule("lds"))
 SCORE_RULES.add("random", _column_rule("u"))
+# selection=all: no scorer; every window scores 0, so ranks follow the window ids and fraction 1.0 keeps all
+SCORE_RULES.add(UNSCORED_METHOD, lambda table, conf: np.zeros(table.num_rows))
+
+
+def stage_inputs(cfg: DictConfig) -> tuple[str, ...]:
+    """The select stage's inputs: selection=all reads only the prepared windows (no score artifact)."""
+    return ("prepare",) if cfg.selection.method == UNSCORED_METHOD else ("prepare", "score")
 
 
 def read_scores(score_dir: Path) -> pa.Table:
@@ -116,6 +123,15 @@ def read_scores(score_dir: Path) -> pa.Table:
     if not path.is_file():
         raise MissingInputError(f"{path} is missing; re-run the score stage")
     return pq.read_table(path)
+
+
+def read_window_index(prepare_dir: Path) -> pa.Table:
+    """`id, domain, n_tokens` of every prepared window, sorted by id (what an unscored selection ranks)."""
+    shards = sorted(Path(prepare_dir).glob("windows-*.parquet"))
+    if not shards:
+        raise MissingInputError(f"{prepare_dir}: no windows-*.parquet; re-run the prepare stage")
+    tables = [pq.read_table(s, columns=["id", "domain", "n_tokens"]) for s in shards]
+    return pa.concat_tables(tables).sort_by("id")
 
 
 def window_decoder(prepare_dir: Path, wanted: set[str], tokenizer) -> Callable[[str], str]:
@@ -184,7 +200,10 @@ def write_analysis(
 
 def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     conf = SelectConfig.from_cfg(cfg)
-    table = read_scores(ctx.inputs["score"].path)
+    if "score" in ctx.inputs:
+        table = read_scores(ctx.inputs["score"].path)
+    else:
+        table = read_window_index(ctx.inputs["prepare"].path)
     ids = table.column("id").to_pylist()
     domains = table.column("domain").to_pylist()
     n_tokens = table.column("n_tokens").to_pylist()

@@ -1,6 +1,12 @@
-"""Sliding windows over a tokenized document: the paper's Algorithm 1, exactly as the authors' code."""
+"""Sliding windows over a tokenized document: the paper's Algorithm 1, exactly as the authors' code.
+
+`windowing=first` is for a corpus that is already windows (the authors' released LongABC-32K: 32K-token
+windows decoded to text): one window per document, its first W tokens.
+"""
 
 from __future__ import annotations
+
+WINDOWINGS = ("sliding", "first")
 
 
 def window_starts(n_tokens: int, window: int, keep_exact_fit: bool = False) -> list[int]:
@@ -29,6 +35,13 @@ def window_starts(n_tokens: int, window: int, keep_exact_fit: bool = False) -> l
     elif 2 * window < remaining <= 3 * window:
         starts += [left, left + (remaining - window) // 2, right - window]
     return sorted(starts)
+
+
+def document_window_starts(n_tokens: int, window: int, windowing: str, keep_exact_fit: bool) -> list[int]:
+    """`sliding`: Algorithm 1 (`window_starts`); `first`: [0] when the document has at least W tokens."""
+    if windowing == "first":
+        return [0] if n_tokens >= window else []
+    return window_starts(n_tokens, window, keep_exact_fit)
 
 
 def window_id(domain: str, source_id: str, position: int) -> str:

@@ -116,3 +116,50 @@ def test_every_requested_stage_is_checked_before_the_first_runs(make_cfg, tmp_pa
     with pytest.raises(ConfigError, match=message):
         run_pipeline(cfg)
     assert not (tmp_path / "artifacts").exists()
+
+
+def test_paper_training_defaults(make_cfg):
+    """training=cpt_32k: the paper's 64 x 32K global batch, fp32 gradients, ignored boundary targets."""
+    t = make_cfg("experiment=longattn_32k").training
+    assert t.global_batch_tokens == 64 * 32768 and t.micro_batch == 1 and t.seq_len == 32768
+    assert t.grad_accum_dtype == "fp32" and t.grad_reduce_dtype == "fp32"
+    assert t.ignore_boundary_targets is True and t.attn_implementation == "auto"
+
+
+def test_released_data_experiment_trains_on_the_authors_selection(make_cfg):
+    """experiment=released_data_32k: the released LongABC-32K rows, every window kept, no scorer."""
+    from experiments.pipeline import stage_fingerprints
+    from experiments.stages import STAGES
+
+    cfg = make_cfg("experiment=released_data_32k")
+    assert cfg.selection.method == "all" and cfg.selection.fraction == 1.0
+    assert cfg.selection.label == "LongAttn-70"  # the report's row name: the paper's LongAttn-70 rows
+    assert [dict(s) for s in cfg.data.sources] == [
+        {"domain": "longabc", "hub": "Lyun0912/LongABC", "split": "train", "text_field": "content"}
+    ]
+    assert cfg.data.window_size == 32768 and cfg.data.windowing == "first"
+    assert cfg.model.name_or_path == "meta-llama/Meta-Llama-3-8B" and cfg.training.seq_len == 32768
+    assert STAGES["score"].skip_reason(cfg) and STAGES["select"].input_names(cfg) == ("prepare",)
+    assert STAGES["score"].skip_reason(make_cfg("experiment=random_32k")) is None
+    # the select fingerprint does not depend on a score artifact, nor on the report label
+    fps = stage_fingerprints(cfg, ["select"])
+    assert "score" not in fps
+    relabeled = stage_fingerprints(make_cfg("experiment=released_data_32k", "selection.label=x"), ["select"])
+    assert relabeled["select"] == fps["select"]
+
+
+def test_stage_packages_import_only_common():
+    """selection/, training/ and evaluation/ never import each other or experiments/ (ARCHITECTURE.md)."""
+    import ast
+
+    repo = Path(__file__).resolve().parent.parent
+    packages = {"selection", "training", "evaluation", "experiments"}
+    for package in ("selection", "training", "evaluation"):
+        for path in sorted((repo / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = [node.module]
+                for name in names:
+                    top = name.split(".")[0]
+                    assert top not in packages - {package}, f"{path.relative_to(repo)} imports {name}"

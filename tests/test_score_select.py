@@ -299,3 +299,25 @@ def test_rank_blocks_cover_every_window_once():
         blocks = [rank_slice(ids, RankInfo(r, world, r)) for r in range(world)]
         assert [i for b in blocks for i in b] == ids  # contiguous, in order, no overlap, nothing lost
         assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+
+
+def test_select_all_keeps_every_prepared_window_without_scoring(make_cfg):
+    """selection=all (experiment=released_data_32k on the demo corpus): the score stage is skipped, select
+    keeps every window of the prepare artifact, in the selection contract, with the training mixture."""
+    cfg = make_cfg(*TINY, "experiment=released_data_32k", "stages=[prepare,score,select]")
+    manifests = run_pipeline(cfg)
+    arts = artifacts(cfg)
+    assert set(arts) == {"prepare", "select"} and "score" not in manifests
+    windows = [r for shard in sorted(arts["prepare"].glob("windows-*.parquet")) for r in read(shard)]
+    rows = read(arts["select"] / "selection.parquet")
+    assert sorted(r["id"] for r in rows) == sorted(w["id"] for w in windows) and len(rows) == 20
+    assert {r["score"] for r in rows} == {0.0}
+    for domain in ("code", "docs"):  # ranks follow the ids
+        mine = [r for r in rows if r["domain"] == domain]
+        assert [r["rank"] for r in mine] == list(range(1, len(mine) + 1))
+        assert [r["id"] for r in mine] == sorted(r["id"] for r in mine)
+    assert manifests["select"]["method"] == "all" and manifests["select"]["inputs"] == {
+        "prepare": str(arts["prepare"])
+    }
+    mixture = json.loads((arts["select"] / "mixture.json").read_text())
+    assert mixture["long"] == {"code": 0.45, "docs": 0.45} and mixture["short"]["wiki"] == 0.1

@@ -127,12 +127,27 @@ def test_deepspeed_templates_are_filled_from_the_training_config(make_cfg, name,
     )
     ds = deepspeed_config(conf, plan)
     assert ds["train_micro_batch_size_per_gpu"] == 1
-    assert ds["gradient_accumulation_steps"] == 2  # 8 sequences over 4 ranks
+    assert ds["gradient_accumulation_steps"] == 16  # the paper's 64 sequences over 4 ranks
     assert ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"] is True
+    # bf16 weights, but gradients accumulated and reduced in fp32 (as Megatron)
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
     assert zero_stage(ds) == stage and offloads_optimizer(ds) is offload
     assert "auto" not in repr(ds)
     if stage == 3:
         assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_deepspeed_reads_the_fp32_gradient_keys(make_cfg):
+    """The keys are the ones DeepSpeed 0.19 parses (DeepSpeedConfig), and bf16 stays selectable."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    conf = TrainConfig.from_cfg(make_cfg("training.grad_reduce_dtype=bf16"))
+    ds = deepspeed_config(conf, plan_steps(conf.budget_tokens, conf.global_batch_tokens, conf.seq_len))
+    ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
+    parsed = DeepSpeedConfig(ds)
+    assert parsed.grad_accum_dtype == "fp32" and parsed.communication_data_type == torch.bfloat16
+    with pytest.raises(ValueError, match="training.grad_accum_dtype=fp16"):
+        TrainConfig.from_cfg(make_cfg("training.grad_accum_dtype=fp16"))
 
 
 def test_checkpoints_resume_only_from_complete_ones_and_prune(tmp_path):
@@ -151,12 +166,12 @@ def test_checkpoints_resume_only_from_complete_ones_and_prune(tmp_path):
 
 
 def test_launcher_commands():
-    from experiments.launch import launch_command, needs_launch
+    from experiments.launch import Launch, launch_command, needs_launch
 
     assert needs_launch(8, 1, ["train"], {}) and not needs_launch(1, 1, ["train"], {})
     assert not needs_launch(8, 1, ["prepare", "score"], {})
     assert not needs_launch(8, 1, ["train"], {"WORLD_SIZE": "8"})  # already under a launcher
-    cmd = launch_command("torchrun", 8, 1, "run.py", ["experiment=longattn_32k"], {})
+    cmd = launch_command(Launch("torchrun", 8), "run.py", ["experiment=longattn_32k"], {})
     assert cmd[1:] == [
         "-m",
         "torch.distributed.run",
@@ -165,15 +180,72 @@ def test_launcher_commands():
         "run.py",
         "experiment=longattn_32k",
     ]
-    multi = launch_command("torchrun", 8, 2, "run.py", [], {"NODE_RANK": "1", "MASTER_ADDR": "node0"})
-    assert "--nnodes=2" in multi and "--node_rank=1" in multi and "--master_addr=node0" in multi
-    with pytest.raises(ConfigError, match="NODE_RANK"):
-        launch_command("torchrun", 8, 2, "run.py", [], {})
-    ds = launch_command("deepspeed", 4, 1, "run.py", ["a=b"], {})
-    assert ds[:4] == ["deepspeed", "--num_gpus=4", "--num_nodes=1", "--no_local_rank"] and ds[-2:] == [
+    ds = launch_command(Launch("deepspeed", 4), "run.py", ["a=b"], {})
+    assert ds == ["deepspeed", "--num_gpus=4", "--num_nodes=1", "--no_local_rank", "run.py", "a=b"]
+
+
+def test_torchrun_on_two_nodes_is_one_command_per_node_joined_by_a_rendezvous():
+    """The same command on both nodes (SLURM: one task per node); the c10d rendezvous assigns node ranks."""
+    from experiments.launch import Launch, launch_command
+
+    env = {"MASTER_ADDR": "node0", "MASTER_PORT": "29600", "LONGATTN_RUN_DIR": "/shared/runs/a"}
+    cmd = launch_command(Launch("torchrun", 8, 2), "run.py", ["experiment=longattn_32k"], env)
+    run_id = launch_command(Launch("torchrun", 8, 2), "run.py", [], env)[-2].split("=")[1]
+    assert cmd[1:] == [
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=8",
+        "--nnodes=2",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=node0:29600",
+        f"--rdzv_id={run_id}",
+        "run.py",
+        "experiment=longattn_32k",
+    ]
+    assert run_id.startswith("run-")  # the run directory's hash: the same on every node
+    slurm = launch_command(Launch("torchrun", 8, 2), "run.py", [], {**env, "SLURM_JOB_ID": "77"})
+    assert "--rdzv_id=slurm-77" in slurm
+    default_port = launch_command(Launch("torchrun", 8, 2), "run.py", [], {**env, "MASTER_PORT": ""})
+    assert "--rdzv_endpoint=node0:29500" in default_port
+    with pytest.raises(ConfigError, match="set MASTER_ADDR and LONGATTN_RUN_DIR on every node"):
+        launch_command(Launch("torchrun", 8, 2), "run.py", [], {})
+
+
+def test_deepspeed_runner_needs_a_hostfile_and_gets_the_job_environment(tmp_path):
+    import stat
+
+    from experiments.launch import Launch, launch_command, write_deepspeed_env
+
+    with pytest.raises(ConfigError, match="needs training.hostfile"):
+        launch_command(Launch("deepspeed", 8, 2), "run.py", [], {})
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=8\nnode1 slots=8\n")
+    cmd = launch_command(Launch("deepspeed", 8, 2, str(hostfile)), "run.py", ["a=b"], {})
+    assert cmd == [
+        "deepspeed",
+        "--num_gpus=8",
+        "--num_nodes=2",
+        f"--hostfile={hostfile}",
+        "--no_local_rank",
         "run.py",
         "a=b",
     ]
+    env = {
+        "LONGATTN_RUN_DIR": "/shared/run",
+        "HF_HOME": "/shared/hf",
+        "WANDB_MODE": "offline",
+        "TORCH_EXTENSIONS_DIR": "/shared/ext",
+        "HOME": "/home/me",
+        "MULTI": "a\nb",
+    }
+    path = write_deepspeed_env(tmp_path / "run", env)
+    assert path.read_text().splitlines() == [
+        "HF_HOME=/shared/hf",
+        "LONGATTN_RUN_DIR=/shared/run",
+        "TORCH_EXTENSIONS_DIR=/shared/ext",
+        "WANDB_MODE=offline",
+    ]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # may hold HF_TOKEN / WANDB_API_KEY
 
 
 def _tiny_lm(attn: str = "sdpa"):
@@ -208,14 +280,17 @@ def test_packed_documents_do_not_attend_to_each_other(attn):
     assert not torch.allclose(unmasked[:, 5:], alone, atol=1e-3)  # without the reset, doc b sees doc a
 
 
-def test_chunked_loss_model_equals_the_hf_loss():
+def test_chunked_loss_model_sums_what_the_hf_loss_averages():
     from training.model import ChunkedLossLM
+    from training.targets import count_targets, next_token_labels
 
     lm = _tiny_lm()
     ids = torch.randint(0, 64, (2, 13))
     positions = torch.arange(13).expand(2, 13)
+    labels = next_token_labels(ids, positions)  # one document per row: only position 0, never a target
+    assert count_targets(labels) == 24
     wrapped = ChunkedLossLM(lm, chunk_tokens=5)
-    ours = wrapped(input_ids=ids, position_ids=positions)
+    ours = wrapped(input_ids=ids, position_ids=positions, labels=labels) / 24
     theirs = lm(input_ids=ids, labels=ids).loss
     assert torch.allclose(ours, theirs, atol=1e-6)
     ours.backward()

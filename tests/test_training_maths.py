@@ -1,4 +1,5 @@
-"""Training arithmetic (issue 5's pure parts): steps, LR, MFU, packing, mixture, chunked loss."""
+"""Training arithmetic: steps of the paper batch, LR, MFU, packing, mixture, chunked loss, the
+token-weighted loss over uneven micro-batches."""
 
 from __future__ import annotations
 
@@ -10,26 +11,42 @@ import torch
 import torch.nn.functional as F
 
 from training.chunked_loss import IGNORE_INDEX, chunked_lm_loss
-from training.flops import flops_per_token, mfu, non_embedding_params
+from training.flops import (
+    flops_per_token,
+    mfu,
+    non_embedding_params,
+    squared_document_lengths,
+    step_flops,
+)
 from training.mixture import MixtureSchedule
 from training.packing import document_boundaries, pack_documents
 from training.schedule import cosine_lr, plan_steps
+from training.targets import count_targets, micro_batch_loss_scale, next_token_labels
 
 
-def test_budget_to_steps_matches_the_issue_example():
-    plan = plan_steps(5e9, global_batch_tokens=262_144, seq_len=32_768, micro_batch=1, world_size=1)
-    assert plan.describe() == "tokens per step: 262,144; steps: 19,073"
-    assert plan.grad_accumulation == 8  # the paper's micro-batch 1 x accumulation 8
-    assert plan_steps(5e9, 262_144, 32_768, 1, 8).grad_accumulation == 1
+@pytest.mark.parametrize(("ranks", "accumulation"), [(8, 8), (16, 4), (64, 1)])
+def test_the_paper_batch_runs_on_8_16_and_64_ranks(ranks, accumulation):
+    """64 sequences of 32K per step whatever the world size; accumulation is derived."""
+    plan = plan_steps(5e9, global_batch_tokens=2_097_152, seq_len=32_768, micro_batch=1, world_size=ranks)
+    assert plan.grad_accumulation == accumulation and plan.sequences_per_step == 64
+    assert plan.steps == 2_384 == 5e9 // (64 * 32_768)
+    assert plan.describe() == (
+        f"tokens per step: 2,097,152 (64 sequences of 32,768 = micro-batch 1 x accumulation {accumulation} "
+        f"x {ranks} ranks); steps: 2,384"
+    )
 
 
 def test_budget_errors_name_the_keys():
     with pytest.raises(ValueError, match="not a multiple of training.seq_len"):
         plan_steps(1e9, 100_000, 32_768)
-    with pytest.raises(ValueError, match="do not split over micro_batch=1 x 3 ranks"):
-        plan_steps(1e9, 262_144, 32_768, 1, 3)
+    with pytest.raises(
+        ValueError, match=r"64 sequences per step, which do not split over training.micro_batch=1 x 3"
+    ):
+        plan_steps(1e9, 2_097_152, 32_768, 1, 3)
+    with pytest.raises(ValueError, match="x 128 ranks"):
+        plan_steps(1e9, 2_097_152, 32_768, 1, 128)
     with pytest.raises(ValueError, match="less than one step"):
-        plan_steps(1000, 262_144, 32_768)
+        plan_steps(1000, 2_097_152, 32_768)
 
 
 def test_cosine_schedule_by_hand():
@@ -40,13 +57,25 @@ def test_cosine_schedule_by_hand():
 
 
 def test_flops_per_token_for_llama3_8b_at_32k():
-    # Llama-3-8B: 6.98e9 non-embedding parameters, 32 layers, d_model 4096, T = 32768
-    f = flops_per_token(6.98e9, 32, 4096, 32768)
-    assert f == pytest.approx(6 * 6.98e9 + 12 * 32 * 4096 * 32768)
-    assert f == pytest.approx(9.342e10, rel=1e-3)
-    # 3,000 tokens/s per H100 at that cost is 28.3 % MFU
-    assert mfu(3000, f, 989e12) == pytest.approx(3000 * f / 989e12)
-    assert mfu(3000, f, 989e12) == pytest.approx(0.2834, rel=1e-3)
+    # Llama-3-8B: 7.505e9 non-embedding parameters (8.030e9 minus the 128,256 x 4,096 input embedding; the
+    # untied LM head counts), 32 layers, d_model 4096, T = 32768
+    n = 8_030_261_248 - 128_256 * 4_096
+    assert n == pytest.approx(7.505e9, rel=1e-4)
+    f = flops_per_token(n, 32, 4096, 32768)
+    assert f == pytest.approx(6 * n + 12 * 32 * 4096 * 32768)
+    assert f == pytest.approx(9.657e10, rel=1e-3)
+    # 3,000 tokens/s per H100 at that cost is 29.3 % MFU
+    assert mfu(3000, f, 989e12) == pytest.approx(0.2929, rel=1e-3)
+
+
+def test_packed_attention_flops_are_counted_per_document():
+    # one unpacked row of 8 tokens, one packed row of documents 3 + 4 + 1 tokens
+    positions = torch.tensor([list(range(8)), [0, 1, 2, 0, 1, 2, 3, 0]])
+    assert squared_document_lengths(positions) == 64 + (9 + 16 + 1)
+    # 6 N per token plus 12 L d sum(l^2): the unpacked row costs the T^2 figure, the packed one less
+    n, layers, d = 1000.0, 2, 16
+    assert step_flops(n, layers, d, 16, 90) == 6 * n * 16 + 12 * layers * d * 90
+    assert step_flops(n, layers, d, 8, 64) == 8 * flops_per_token(n, layers, d, 8)
 
 
 def test_packing_boundaries_eos_and_positions():
@@ -109,3 +138,73 @@ def test_non_embedding_params_excludes_the_tied_embedding():
     per_layer = 256 + 128 + 128 + 256 + 3 * 512 + 2 * 16
     assert non_embedding_params(model) == 2 * per_layer + 16
     assert sum(p.numel() for p in model.parameters()) == non_embedding_params(model) + 100 * 16
+
+
+def test_chunked_loss_sum_is_the_mean_times_the_valid_count():
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 9, 16, generator=gen)
+    weight = torch.randn(50, 16, generator=gen)
+    labels = torch.randint(0, 50, (2, 9), generator=gen)
+    labels[1, 4] = IGNORE_INDEX
+    head = lambda h: F.linear(h, weight)  # noqa: E731
+    mean = chunked_lm_loss(hidden, head, labels, chunk_tokens=5)
+    total = chunked_lm_loss(hidden, head, labels, chunk_tokens=5, reduction="sum")
+    assert count_targets(labels) == 15
+    assert torch.allclose(total, mean * 15, rtol=1e-5)
+
+
+def test_document_start_targets_are_ignored():
+    ids = torch.tensor([[5, 6, 7, 8, 9, 4]])
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0]])  # documents [5 6 7] [8 9] [4]
+    labels = next_token_labels(ids, positions)
+    assert labels.tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9, IGNORE_INDEX]]
+    assert count_targets(labels) == 3  # 6 and 7 from 5, 6; 9 from 8 (never 8 from 7, nor 4 from 9)
+    assert next_token_labels(ids, positions, ignore_document_starts=False)[0, 1:].tolist() == [6, 7, 8, 9, 4]
+
+
+LN2, LN3, LN4 = math.log(2), math.log(3), math.log(4)
+
+
+def _uneven_micro_batches():
+    """Vocabulary 2, logits = hidden states, so each token's cross-entropy is written down by hand:
+    logits [ln3, 0] cost ln(4/3) for target 0 and ln 4 for target 1; logits [0, 0] cost ln 2."""
+    packed = {  # documents [1 0] [1 1]: targets 0 (from position 0) and 1 (from position 2)
+        "ids": torch.tensor([[1, 0, 1, 1]]),
+        "positions": torch.tensor([[0, 1, 0, 1]]),
+        "hidden": torch.tensor([[[LN3, 0.0], [5.0, -5.0], [0.0, 0.0], [1.0, 2.0]]], requires_grad=True),
+    }
+    window = {  # one document: targets 1, 1, 0 from positions 0, 1, 2
+        "ids": torch.tensor([[0, 1, 1, 0]]),
+        "positions": torch.tensor([[0, 1, 2, 3]]),
+        "hidden": torch.tensor([[[0.0, LN3], [LN3, 0.0], [0.0, 0.0], [3.0, 3.0]]], requires_grad=True),
+    }
+    return [packed, window]
+
+
+@pytest.mark.parametrize(("world", "accumulation"), [(1, 2), (2, 1)])
+def test_step_loss_weighs_every_token_equally_over_uneven_micro_batches(world, accumulation):
+    """2 + 3 valid targets in two micro-batches (one rank accumulating, or two ranks): the step's loss and
+    gradient are those of the mean over all 5 targets, as DeepSpeed combines them (rank average, no
+    division by the accumulation steps)."""
+    micro = _uneven_micro_batches()
+    expected = (math.log(4 / 3) + LN2 + math.log(4 / 3) + LN4 + LN2) / 5  # by hand
+    labels = [next_token_labels(m["ids"], m["positions"]) for m in micro]
+    total_targets = sum(count_targets(lab) for lab in labels)  # what the all-reduce gives every rank
+    assert total_targets == 5
+    scale = micro_batch_loss_scale(world, total_targets)
+    sums = []
+    for m, lab in zip(micro, labels):
+        summed = chunked_lm_loss(m["hidden"], lambda h: h, lab, chunk_tokens=2, reduction="sum")
+        (summed * scale).backward()  # each rank's backward; DeepSpeed then averages grads over ranks
+        sums.append(float(summed.detach()))
+    grads = [m["hidden"].grad / world for m in micro]
+    assert sum(sums) / total_targets == pytest.approx(expected, abs=1e-6)
+    # the per-micro-batch mean of means (the old weighting) is another number
+    old = (sums[0] / 2 + sums[1] / 3) / 2
+    assert abs(old - expected) > 1e-3
+    # gradient of the global token mean, written out as one cross-entropy over the 5 valid targets
+    fresh = _uneven_micro_batches()
+    logits = torch.cat([fresh[0]["hidden"][0, [0, 2]], fresh[1]["hidden"][0, [0, 1, 2]]])
+    F.cross_entropy(logits, torch.tensor([0, 1, 1, 1, 0])).backward()
+    for got, ref in zip(grads, fresh):
+        assert torch.allclose(got, ref["hidden"].grad, atol=1e-6)

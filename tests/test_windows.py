@@ -79,3 +79,13 @@ def test_rejects_non_positive_window():
 
 def test_window_id_is_stable_text():
     assert window_id("book", "abc123", 7) == "book/abc123/00007"
+
+
+def test_first_windowing_keeps_one_window_per_already_windowed_document():
+    """data.windowing=first (released LongABC-32K rows are single decoded windows)."""
+    from selection.windows import document_window_starts
+
+    assert document_window_starts(1000, 1000, "first", keep_exact_fit=False) == [0]  # sliding gives none
+    assert document_window_starts(1003, 1000, "first", keep_exact_fit=False) == [0]  # sliding gives two
+    assert document_window_starts(999, 1000, "first", keep_exact_fit=True) == []
+    assert document_window_starts(1003, 1000, "sliding", keep_exact_fit=False) == [0, 3]

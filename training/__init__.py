@@ -1,7 +1,10 @@
-"""Continual pre-training.
+"""Continual pre-training: the `train` stage (training/train.py).
 
-Here so far: the pure parts (step plan from a token budget, cosine LR, MFU, document packing with
-position-id resets, seeded resumable mixture schedule, chunked LM-head loss). Not yet: the train stage
-itself (DeepSpeed/accelerate engine, checkpoints and resume, launcher); asking for it fails with a clear
-message.
+Pure parts: the step plan from a token budget and the paper's global batch (schedule), cosine LR,
+document packing with position-id resets (packing), the seeded resumable mixture order (mixture, data),
+next-token targets with document starts ignored and the token-weighted loss (targets, chunked_loss),
+FLOPs and MFU with packed documents counted per document (flops). The run: the attention choice that
+keeps packed documents apart (attention), the model with ABF RoPE (model), the DeepSpeed engine with fp32
+gradient accumulation and reduction (engine), the loop with step checkpoints and exact resume (loop,
+checkpoints, metrics). Imports only `common/`.
 """

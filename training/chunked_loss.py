@@ -24,14 +24,22 @@ def _chunk_loss_sum(head: Head, hidden: torch.Tensor, labels: torch.Tensor) -> t
 
 
 def chunked_lm_loss(
-    hidden_BTD: torch.Tensor, head: Head, labels_BT: torch.Tensor, chunk_tokens: int = 4096
+    hidden_BTD: torch.Tensor,
+    head: Head,
+    labels_BT: torch.Tensor,
+    chunk_tokens: int = 4096,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean next-token cross-entropy: position t predicts labels[t + 1]; IGNORE_INDEX labels are skipped.
+    """Next-token cross-entropy: position t predicts labels[t + 1]; IGNORE_INDEX labels are skipped.
 
-    Equal to `F.cross_entropy(head(hidden)[:, :-1], labels[:, 1:])` (same value and gradients). `head` is
-    the model's output-embedding module, called per chunk (and again in the backward recompute), so
-    under ZeRO-3 its partitioned weight is gathered by DeepSpeed's module hooks as for any layer.
+    `reduction="mean"` equals `F.cross_entropy(head(hidden)[:, :-1], labels[:, 1:])` (same value and
+    gradients); "sum" is the sum over the valid targets (training weighs it by the step's global count,
+    see training/targets.py). `head` is the model's output-embedding module, called per chunk (and again in
+    the backward recompute), so under ZeRO-3 its partitioned weight is gathered by DeepSpeed's module
+    hooks as for any layer.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction={reduction!r}: choose mean or sum")
     hidden = hidden_BTD[:, :-1].reshape(-1, hidden_BTD.shape[-1])
     labels = labels_BT[:, 1:].reshape(-1)
     count = (labels != IGNORE_INDEX).sum()
@@ -39,4 +47,4 @@ def chunked_lm_loss(
     for start in range(0, hidden.shape[0], chunk_tokens):
         part = slice(start, start + chunk_tokens)
         total = total + checkpoint(_chunk_loss_sum, head, hidden[part], labels[part], use_reentrant=False)
-    return total / count.clamp_min(1)
+    return total if reduction == "sum" else total / count.clamp_min(1)

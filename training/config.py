@@ -12,6 +12,7 @@ from common.errors import ConfigError
 
 DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "conf" / "training" / "deepspeed"
 PRECISIONS = ("bf16", "fp32")
+GRAD_DTYPES = ("fp32", "bf16")
 RESUME_MODES = ("auto", "never")
 LAUNCHERS = ("torchrun", "deepspeed")
 
@@ -36,11 +37,22 @@ class TrainConfig:
     dropout: float = 0.0
     """Attention dropout of the model config (the paper's Megatron runs used 0.1)."""
     attn_implementation: str = "auto"
-    """auto = flash_attention_2 when installed on CUDA, else sdpa; or any HF attn_implementation."""
+    """auto | flash_attention_2 | flex_attention | sdpa | eager; auto = flash-attn varlen when installed on
+    CUDA, else FlexAttention (sdpa when attention dropout is on), sdpa on CPU. Settings that would let
+    packed documents attend to each other are refused (training/attention.py)."""
+    ignore_boundary_targets: bool = True
+    """In packed short sequences, do not train a document's first token from the previous document's EOS
+    (ProLong's collator does the same); the loss is the mean over the step's valid targets."""
     gradient_checkpointing: bool = True
     loss_chunk_tokens: int = 4096
     """LM head + cross-entropy in chunks of this many tokens (never the full T x vocab logits)."""
     precision: str = "bf16"
+    grad_accum_dtype: str = "fp32"
+    """Gradient accumulation over micro-batches (DeepSpeed `data_types.grad_accum_dtype`). fp32 as
+    Megatron (the paper's framework) does for bf16 runs; bf16 is DeepSpeed's default for bf16 models."""
+    grad_reduce_dtype: str = "fp32"
+    """Data-parallel gradient reduction (DeepSpeed `communication_data_type`): fp32 as Megatron; bf16 halves
+    the traffic and rounds every partial sum."""
     deepspeed: str = "zero2"
     """A name in conf/training/deepspeed/ (zero2, zero3, zero3_offload) or a path to a DeepSpeed JSON."""
     save_every: int = 500
@@ -60,6 +72,13 @@ class TrainConfig:
     peak_flops: float | None = None
     """Per-device peak for MFU; null = looked up from the GPU name (none on CPU)."""
     device: str = "auto"
+    deterministic: bool = False
+    """Deterministic kernels (torch.use_deterministic_algorithms, cuBLAS workspace, flash-attn's
+    deterministic backward): needed for a bitwise-exact resume on CUDA; slower, and an op without a
+    deterministic kernel then raises. CPU runs are deterministic already."""
+    hostfile: str | None = None
+    """launcher=deepspeed with num_nodes > 1: the DeepSpeed hostfile (`host slots=8` lines); the command
+    then runs once, on the first host, and the runner starts every node."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -80,6 +99,8 @@ class TrainConfig:
             ("precision", PRECISIONS),
             ("resume", RESUME_MODES),
             ("launcher", LAUNCHERS),
+            ("grad_accum_dtype", GRAD_DTYPES),
+            ("grad_reduce_dtype", GRAD_DTYPES),
         ):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"training.{key}={getattr(self, key)}: choose one of {allowed}")

@@ -40,6 +40,22 @@ def init_distributed(device: torch.device, ranks: RankInfo) -> None:
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
 
 
+def apply_determinism(enabled: bool) -> None:
+    """`training.deterministic=true`: the settings an exact resume on CUDA needs (set before CUDA work).
+
+    Attention backward is the usual culprit: flash-attn's is non-deterministic unless
+    FLASH_ATTENTION_DETERMINISTIC=1 (read by transformers), sdpa's memory-efficient kernel likewise; with
+    deterministic algorithms on, PyTorch picks deterministic kernels or raises naming the op.
+    """
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ["FLASH_ATTENTION_DETERMINISTIC"] = "1"
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def training_device(requested: str, ranks: RankInfo) -> torch.device:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,6 +84,8 @@ def deepspeed_config(conf: TrainConfig, plan: StepPlan) -> dict[str, Any]:
         "gradient_accumulation_steps": plan.grad_accumulation,
         "gradient_clipping": conf.grad_clip,
         "bf16.enabled": conf.precision == "bf16",
+        "data_types.grad_accum_dtype": conf.grad_accum_dtype,
+        "communication_data_type": conf.grad_reduce_dtype,
     }
     config = _fill_auto(copy.deepcopy(template), values)
     config.pop("train_batch_size", None)  # DeepSpeed derives it from micro x accumulation x world

@@ -18,6 +18,7 @@ from training import checkpoints, metrics
 from training.config import TrainConfig
 from training.data import MixtureSequences, rank_indices
 from training.engine import (
+    apply_determinism,
     build_optimizer,
     build_scheduler,
     deepspeed_config,
@@ -25,9 +26,10 @@ from training.engine import (
     training_device,
     zero_stage,
 )
-from training.flops import flops_per_token, non_embedding_params
+from training.flops import flops_per_token, non_embedding_params, squared_document_lengths, step_flops
 from training.model import ChunkedLossLM, load_causal_lm, rope_theta_of
 from training.schedule import StepPlan
+from training.targets import count_targets, micro_batch_loss_scale, next_token_labels
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +56,6 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-def _mean_over_ranks(value: float, device: torch.device) -> float:
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return float(t.item()) / torch.distributed.get_world_size()
 
 
 def _resume_step(job: TrainJob) -> int | None:
@@ -104,102 +98,167 @@ def _save_final_model(engine, lm, job: TrainJob, resolved_config: dict[str, Any]
     return target
 
 
+@dataclass
+class Model:
+    """The DeepSpeed engine and what the loop reads from the model."""
+
+    engine: Any
+    scheduler: Any
+    lm: Any
+    ds_config: dict[str, Any]
+    non_embedding: int
+    device: torch.device
+
+    def flops(self, tokens: int, squared_doc_lengths: float) -> float:
+        config = self.lm.config
+        return step_flops(
+            self.non_embedding, config.num_hidden_layers, config.hidden_size, tokens, squared_doc_lengths
+        )
+
+
+def _build(job: TrainJob, device: torch.device, ds_config: dict[str, Any]) -> Model:
+    import deepspeed
+
+    conf, plan = job.conf, job.plan
+    torch.manual_seed(job.seed)
+    lm = load_causal_lm(job.model_name, job.cache_dir, conf, device)
+    non_embedding = non_embedding_params(lm)
+    model = ChunkedLossLM(lm, conf.loss_chunk_tokens)
+    optimizer = build_optimizer(model, conf, ds_config, device)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        # a factory: DeepSpeed hands it the wrapped optimizer, whose groups ZeRO-3 may have rebuilt
+        lr_scheduler=lambda wrapped: build_scheduler(wrapped, conf, plan.steps),
+        config=ds_config,
+    )
+    return Model(engine, scheduler, lm, ds_config, non_embedding, device)
+
+
+def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def _micro_batches(job: TrainJob, step: int, world: int, rank: int) -> list[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of the step, with labels (document starts ignored when configured)."""
+    conf = job.conf
+    batches = []
+    for micro in rank_indices(
+        step, job.plan.sequences_per_step, job.plan.grad_accumulation, conf.micro_batch, world, rank
+    ):
+        items = [job.sequences[k] for k in micro]
+        batch = {key: torch.stack([it[key] for it in items]) for key in items[0]}
+        batch["labels"] = next_token_labels(
+            batch["input_ids"], batch["position_ids"], conf.ignore_boundary_targets
+        )
+        batches.append(batch)
+    return batches
+
+
+def _train_step(model: Model, job: TrainJob, step: int, device: torch.device) -> dict[str, float]:
+    """One optimizer step: every token of the step weighs the same (training/targets.py). Returns the
+    step's loss (mean over all its valid targets, all ranks) and its model FLOPs over all ranks."""
+    world, rank = torch.distributed.get_world_size(), rank_info().rank
+    batches = _micro_batches(job, step, world, rank)
+    local = [
+        float(sum(count_targets(b["labels"]) for b in batches)),
+        float(sum(squared_document_lengths(b["position_ids"]) for b in batches)),
+    ]
+    targets, squared_docs = _sum_over_ranks(local, device)
+    scale = micro_batch_loss_scale(world, int(targets))
+    loss_sum = 0.0
+    for batch in batches:
+        summed = model.engine(**{k: v.to(device) for k, v in batch.items()})
+        model.engine.backward(summed * scale, scale_wrt_gas=False)
+        model.engine.step()
+        loss_sum += float(summed.detach())
+    (total,) = _sum_over_ranks([loss_sum], device)
+    return {"loss": total / targets, "flops": model.flops(job.plan.tokens_per_step, squared_docs)}
+
+
+def _resume(model: Model, job: TrainJob) -> int | None:
+    resumed_from = _resume_step(job)
+    if resumed_from is not None:
+        root = job.out_dir / checkpoints.CHECKPOINTS_DIR
+        model.engine.load_checkpoint(str(root), tag=checkpoints.step_tag(resumed_from))
+        log.info("train: resumed from %s", root / checkpoints.step_tag(resumed_from))
+    return resumed_from
+
+
+def _log_step(
+    job: TrainJob, model: Model, done: int, result: dict[str, float], lr: float, elapsed: float, peak
+) -> None:
+    """One record: console line, metrics.jsonl and the tracker (rank 0). MFU counts packed documents'
+    attention per document (training/flops.py)."""
+    world = torch.distributed.get_world_size()
+    grad = model.engine.get_global_grad_norm()
+    record = {
+        "step": done,
+        "loss": result["loss"],
+        "lr": lr,
+        "grad_norm": None if grad is None else float(grad),
+        "tokens_seen": done * job.plan.tokens_per_step,
+        "tokens_per_s_per_device": job.plan.tokens_per_step / elapsed / world,
+        "mfu": None if peak is None else result["flops"] / (elapsed * world * peak),
+        "memory_gib": metrics.peak_memory_gib(model.device),
+        "step_seconds": elapsed,
+    }
+    if rank_info().is_main:
+        print(metrics.format_line(record, job.plan.steps), flush=True)
+        metrics.append_record(job.out_dir, record)
+        # no explicit wandb step: earlier stages already advanced it; plot against train/step
+        job.tracker.log_metrics({f"train/{k}": v for k, v in record.items()})
+
+
 def train(job: TrainJob, resolved_config: dict[str, Any]) -> dict[str, Any]:
     """Runs (or resumes) the job; returns the manifest on rank 0 and None elsewhere."""
-    import deepspeed
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     conf, plan = job.conf, job.plan
     ranks = rank_info()
+    apply_determinism(conf.deterministic)
     device = training_device(conf.device, ranks)
     init_distributed(device, ranks)
-    world = torch.distributed.get_world_size()
     ds_config = deepspeed_config(conf, plan)
     hf_ds = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None  # ZeRO-3: partitioned load
     try:
-        torch.manual_seed(job.seed)
-        lm = load_causal_lm(job.model_name, job.cache_dir, conf, device)
-        config = lm.config
-        flops_tok = flops_per_token(
-            non_embedding_params(lm), config.num_hidden_layers, config.hidden_size, conf.seq_len
-        )
-        model = ChunkedLossLM(lm, conf.loss_chunk_tokens)
-        optimizer = build_optimizer(model, conf, ds_config, device)
-        engine, _, _, scheduler = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            # a factory: DeepSpeed hands it the wrapped optimizer, whose groups ZeRO-3 may have rebuilt
-            lr_scheduler=lambda wrapped: build_scheduler(wrapped, conf, plan.steps),
-            config=ds_config,
-        )
-        start = 0
-        resumed_from = _resume_step(job)
-        if resumed_from is not None:
-            engine.load_checkpoint(
-                str(job.out_dir / checkpoints.CHECKPOINTS_DIR), tag=checkpoints.step_tag(resumed_from)
-            )
-            start = resumed_from
-            log.info("train: resumed from %s", job.out_dir / checkpoints.CHECKPOINTS_DIR / f"step-{start}")
+        model = _build(job, device, ds_config)
+        resumed_from = _resume(model, job)
+        start = resumed_from or 0
         if ranks.is_main:
             metrics.truncate_records(job.out_dir, start)
+            log.info("train: %s", plan.describe())
         last = min(plan.steps, conf.max_steps) if conf.max_steps else plan.steps
         peak = metrics.peak_flops_for(device, conf.peak_flops)
-        sequences_per_step = plan.tokens_per_step // conf.seq_len
-        if ranks.is_main:
-            log.info(
-                "train: %s; world size %d, grad accumulation %d",
-                plan.describe(),
-                world,
-                plan.grad_accumulation,
-            )
-        engine.train()
+        model.engine.train()
         for step in range(start, last):
             torch.manual_seed(step_seed(job.seed, step, ranks.rank))
             began = time.perf_counter()
-            lr = float(scheduler.get_last_lr()[0])  # the rate this step uses
-            losses = []
-            for micro in rank_indices(
-                step, sequences_per_step, plan.grad_accumulation, conf.micro_batch, world, ranks.rank
-            ):
-                items = [job.sequences[k] for k in micro]
-                batch = {key: torch.stack([it[key] for it in items]).to(device) for key in items[0]}
-                loss = engine(**batch)
-                engine.backward(loss)
-                engine.step()
-                losses.append(float(loss.detach()))
+            lr = float(model.scheduler.get_last_lr()[0])  # the rate this step uses
+            result = _train_step(model, job, step, device)
             done = step + 1
-            elapsed = time.perf_counter() - began
             if done % conf.log_every == 0 or done == last:
-                tokens_per_s = plan.tokens_per_step / elapsed / world
-                grad = engine.get_global_grad_norm()
-                record = {
-                    "step": done,
-                    "loss": _mean_over_ranks(sum(losses) / len(losses), device),
-                    "lr": lr,
-                    "grad_norm": None if grad is None else float(grad),
-                    "tokens_seen": done * plan.tokens_per_step,
-                    "tokens_per_s_per_device": tokens_per_s,
-                    "mfu": None if peak is None else tokens_per_s * flops_tok / peak,
-                    "memory_gib": metrics.peak_memory_gib(device),
-                    "step_seconds": elapsed,
-                }
-                if ranks.is_main:
-                    print(metrics.format_line(record, plan.steps), flush=True)
-                    metrics.append_record(job.out_dir, record)
-                    # no explicit wandb step: earlier stages already advanced it; plot against train/step
-                    job.tracker.log_metrics({f"train/{k}": v for k, v in record.items()})
+                _log_step(job, model, done, result, lr, time.perf_counter() - began, peak)
             if done % conf.save_every == 0 or done == last:
                 state = {
                     "tokens_seen": done * plan.tokens_per_step,
-                    "sequences_seen": done * sequences_per_step,
+                    "sequences_seen": done * plan.sequences_per_step,
                 }
-                _save_checkpoint(engine, job, done, state)
-        model_dir = _save_final_model(engine, lm, job, resolved_config)
+                _save_checkpoint(model.engine, job, done, state)
+        model_dir = _save_final_model(model.engine, model.lm, job, resolved_config)
     finally:
         if hf_ds is not None:
             unset_hf_deepspeed_config()  # else a later from_pretrained in this process builds empty ZeRO-3 weights
-    if not ranks.is_main:
-        return None
+    return _manifest(job, model, model_dir, last, resumed_from) if ranks.is_main else None
+
+
+def _manifest(
+    job: TrainJob, model: Model, model_dir: Path, last: int, resumed_from: int | None
+) -> dict[str, Any]:
+    plan, config = job.plan, model.lm.config
     records = metrics.read_records(job.out_dir)
     return {
         "model_dir": str(model_dir),
@@ -208,11 +267,18 @@ def train(job: TrainJob, resolved_config: dict[str, Any]) -> dict[str, Any]:
         "tokens": last * plan.tokens_per_step,
         "tokens_per_step": plan.tokens_per_step,
         "grad_accumulation": plan.grad_accumulation,
-        "world_size": world,
+        "world_size": plan.world_size,
         "resumed_from_step": resumed_from,
         "rope_theta": rope_theta_of(config),
-        "flops_per_token": flops_tok,
-        "zero_stage": zero_stage(ds_config),
+        # an unpacked seq_len sequence: the upper bound (packed documents are counted per document in MFU)
+        "flops_per_token": flops_per_token(
+            model.non_embedding, config.num_hidden_layers, config.hidden_size, job.conf.seq_len
+        ),
+        "zero_stage": zero_stage(model.ds_config),
+        # as the DeepSpeed engine resolved them (fp32 by default: training.grad_accum_dtype / grad_reduce_dtype)
+        "grad_accum_dtype": str(model.engine.get_data_types()[1]).removeprefix("torch."),
+        "grad_reduce_dtype": str(model.engine.communication_data_type).removeprefix("torch."),
+        "attn_implementation": config._attn_implementation,
         "first_loss": records[0]["loss"] if records else None,
         "final_loss": records[-1]["loss"] if records else None,
         "mean_tokens_per_s_per_device": (

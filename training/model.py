@@ -9,7 +9,10 @@ import torch
 from torch import nn
 
 from common.checkpoint import load_config
+from common.distributed import rank_info
+from common.errors import ConfigError
 from common.model_sources import resolve_model_path
+from training.attention import AttentionChoice, choose_attention, packed_masks_supported
 from training.chunked_loss import chunked_lm_loss
 from training.config import TrainConfig
 
@@ -17,14 +20,23 @@ log = logging.getLogger(__name__)
 
 # Config attributes that hold a dropout probability, across architectures (Llama has attention_dropout).
 DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout")
+# RoPE types ABF may reset to plain RoPE: llama3 (Llama-3.1's frequency rescaling, factor 8) is a
+# context-extension recipe of its own; ABF replaces it with a larger base, as for Llama-3.
+RESETTABLE_ROPE_TYPES = ("default", "llama3")
 
 
-def attention_implementation(requested: str, device: torch.device) -> str:
-    if requested != "auto":
-        return requested
+def attention_for(conf: TrainConfig, device: torch.device) -> AttentionChoice:
     from transformers.utils import is_flash_attn_2_available
 
-    return "flash_attention_2" if device.type == "cuda" and is_flash_attn_2_available() else "sdpa"
+    return choose_attention(
+        conf.attn_implementation,
+        device.type,
+        flash_available=is_flash_attn_2_available(),
+        dropout=conf.dropout,
+        micro_batch=conf.micro_batch,
+        seq_len=conf.seq_len,
+        packed_masks=packed_masks_supported(),
+    )
 
 
 def rope_theta_of(config) -> float | None:
@@ -35,9 +47,32 @@ def rope_theta_of(config) -> float | None:
     return float(theta) if theta is not None else None
 
 
+def apply_abf(config, theta: float) -> str | None:
+    """ABF: plain RoPE with base `theta`. A Llama-3.1 config's `llama3` scaling (factor 8 over an 8K
+    original context) is dropped, not combined with the new base; other scaling types (linear, yarn,
+    dynamic, longrope) are refused. Returns the replaced rope type when it was not plain RoPE."""
+    params = getattr(config, "rope_parameters", None)
+    if not isinstance(params, dict):  # no rope_parameters (transformers < 5 or a non-RoPE model)
+        config.rope_theta = float(theta)
+        return None
+    rope_type = params.get("rope_type", "default")
+    if rope_type not in RESETTABLE_ROPE_TYPES:
+        raise ConfigError(
+            f"training.rope_theta={theta:g}: the model's RoPE is of type '{rope_type}', which ABF does not "
+            f"reset (it resets {RESETTABLE_ROPE_TYPES} to plain RoPE); set training.rope_theta=null to keep "
+            "the model's own scaling"
+        )
+    config.rope_parameters = {"rope_type": "default", "rope_theta": float(theta)}
+    return rope_type if rope_type != "default" else None
+
+
 def training_config(name_or_path: str, cache_dir: Path, conf: TrainConfig):
-    """The model config for training: ABF theta, dropout, and room for seq_len positions."""
-    config = load_config(name_or_path, cache_dir, conf.rope_theta)
+    """The model config for training: ABF theta (plain RoPE), dropout, and room for seq_len positions."""
+    config = load_config(name_or_path, cache_dir)
+    if conf.rope_theta is not None:
+        replaced = apply_abf(config, conf.rope_theta)
+        if replaced and rank_info().is_main:
+            log.info("train: ABF replaces rope_type %s by plain RoPE, theta %g", replaced, conf.rope_theta)
     for key in DROPOUT_KEYS:
         if isinstance(getattr(config, key, None), float):
             setattr(config, key, float(conf.dropout))
@@ -53,29 +88,33 @@ def load_causal_lm(name_or_path: str, cache_dir: Path, conf: TrainConfig, device
     from transformers import AutoModelForCausalLM
 
     config = training_config(name_or_path, cache_dir, conf)
-    impl = attention_implementation(conf.attn_implementation, device)
+    attention = attention_for(conf, device)
+    if rank_info().is_main:
+        log.info("train: attention %s (%s)", attention.implementation, attention.reason)
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(name_or_path, cache_dir),
         config=config,
         dtype=torch.bfloat16 if conf.precision == "bf16" else torch.float32,
-        attn_implementation=impl,
+        attn_implementation=attention.implementation,
     )
     if conf.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
             model.activation_checkpointing_enable({"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    log.info("train: model %s, attention %s, rope theta %s", name_or_path, impl, rope_theta_of(config))
+    if rank_info().is_main:
+        log.info("train: model %s, rope theta %s", name_or_path, rope_theta_of(config))
     return model
 
 
 class ChunkedLossLM(nn.Module):
-    """Wraps a causal LM so forward returns the next-token loss computed in sequence chunks.
+    """Wraps a causal LM so forward returns the SUMMED next-token loss over the valid targets of `labels`,
+    computed in sequence chunks (the caller weighs it by the step's global target count).
 
     The backbone gives hidden states; the output embedding is applied chunk by chunk, so the
     [T, vocab] logits never exist at once (Llama-3: 128K x 32K fp32 would be 16 GB).
-    Position ids that restart mark packed documents: transformers' mask builder turns them into a
-    block-diagonal causal mask (sdpa, eager) or varlen boundaries (flash-attention 2).
+    Position ids that restart mark packed documents: the attention implementation keeps them apart
+    (training/attention.py).
     """
 
     def __init__(self, lm: nn.Module, chunk_tokens: int) -> None:
@@ -83,6 +122,9 @@ class ChunkedLossLM(nn.Module):
         self.lm = lm
         self.chunk_tokens = chunk_tokens
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         hidden = self.lm.base_model(input_ids=input_ids, position_ids=position_ids).last_hidden_state
-        return chunked_lm_loss(hidden, self.lm.get_output_embeddings(), input_ids, self.chunk_tokens)
+        head = self.lm.get_output_embeddings()
+        return chunked_lm_loss(hidden, head, labels, self.chunk_tokens, reduction="sum")
