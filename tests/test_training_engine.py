@@ -52,7 +52,13 @@ def test_zero2_and_zero3_bf16_train_checkpoint_and_save_a_reloadable_model(make_
 
     runs = {}
     for stage in ("zero2", "zero3"):
-        manifest, out = _train(make_cfg, tiny_root, f"training.deepspeed={stage}", "training.rope_theta=1e6")
+        manifest, out = _train(
+            make_cfg,
+            tiny_root,
+            f"training.deepspeed={stage}",
+            "training.rope_theta=1e6",
+            "training.precision=bf16",
+        )
         runs[stage] = (manifest, out, read_records(out))
         assert manifest["zero_stage"] == int(stage[-1]) and manifest["attn_implementation"] == "sdpa"
         # bf16 weights; gradients accumulated and reduced in fp32, as the DeepSpeed engine resolved them
