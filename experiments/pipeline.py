@@ -48,6 +48,17 @@ def stage_fingerprints(cfg: DictConfig, upto: list[str]) -> dict[str, str]:
     return fps
 
 
+def upstream_index(artifacts_dir: Path, fps: dict[str, str], requested: list[str]) -> dict[str, str]:
+    """The complete artifacts this config's requested stages build on but do not run, so that a run
+    directory made by `stages=[report]` (or `[evaluate]`) still records what its results come from."""
+    index = {}
+    for name, fp in fps.items():
+        art = artifact_for(artifacts_dir, name, fp)
+        if name not in requested and art.is_complete():
+            index[name] = str(art.path)
+    return index
+
+
 def run_stage(
     cfg: DictConfig, name: str, art: Artifact, inputs: dict[str, Artifact], tracker: Tracker
 ) -> dict:
@@ -83,7 +94,8 @@ def run_stage(
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
-    """Returns {stage: manifest}; writes artifacts.json (stage -> artifact dir) into the run directory."""
+    """Returns {stage: manifest}; writes artifacts.json (stage -> artifact dir, the requested stages' and the
+    complete upstream ones they build on) into the run directory."""
     requested = validate_stages(list(cfg.stages))
     for name in requested:  # every requested stage's config, before the first one runs
         STAGES[name].check_config(cfg)
@@ -96,7 +108,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     tracker = make_tracker(
         logger_cfg, str(run_dir), {**OmegaConf.to_container(cfg, resolve=True), "versions": stack_versions()}
     )
-    index: dict[str, str] = {}
+    index = upstream_index(artifacts_dir, fps, requested)
     manifests: dict[str, Any] = {}
     try:
         for name in requested:
@@ -113,6 +125,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
                         f"this config; add '{upstream}' to stages (e.g. stages=[{upstream},{name}])"
                     )
                 inputs[upstream] = art
+            if main:  # before the stage runs: the report stage reads its run's index
+                atomic_write_json(run_dir / "artifacts.json", index)
             art = artifact_for(artifacts_dir, name, fps[name])
             manifests[name] = run_stage(cfg, name, art, inputs, tracker)
             index[name] = str(art.path)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
+from omegaconf import open_dict
 
 from experiments.paper_tables import (
     RunResult,
@@ -269,6 +270,15 @@ def test_released_model_is_reported_beside_the_papers_longattn70_5b_rows(make_cf
     )
     assert table1[3].startswith('5B,LongAttn-70,"ours - paper (at 1,024, not 32,768 tokens)",,,,')
     assert f"model `{stand_in}`" in report and "Table 11" in report
+    # `stages=[report]` alone, into a fresh run directory, rebuilds the report from the evaluate artifact
+    shutil.rmtree(index["report"])
+    with open_dict(cfg):
+        cfg.stages = ["report"]
+        cfg.paths.output_dir = str(tmp_path / "report_only")
+    run_pipeline(cfg)
+    again = json.loads((tmp_path / "report_only" / "artifacts.json").read_text())
+    assert again == index
+    assert (Path(again["report"]) / "report.md").read_text() == report
 
 
 @pytest.mark.slow
