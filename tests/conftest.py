@@ -82,3 +82,21 @@ def smollm2_tokenizer(smollm2_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def tiny_packed_lm(attn: str = "sdpa"):
+    """A 2-layer random Llama (seed 0) for packed-sequence attention tests, with `attn` as its kernel."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation=attn,
+        use_cache=False,  # as training_config sets: with a KV cache transformers skips packed-sequence masks
+    )
+    return LlamaForCausalLM(config).eval()

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from conftest import tiny_packed_lm
 
 from common.errors import ConfigError
 from training.attention import choose_attention
@@ -117,23 +118,6 @@ def test_the_model_loader_logs_the_choice_once(caplog):
     assert lm.config._attn_implementation == "sdpa"
 
 
-def _tiny_lm(attn: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation=attn,
-        use_cache=False,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.mark.slow
 def test_flex_document_mask_gives_the_loss_of_the_documents_alone():
     """FlexAttention's block mask from packed position ids (forward on CPU: its backward needs CUDA;
@@ -144,8 +128,8 @@ def test_flex_document_mask_gives_the_loss_of_the_documents_alone():
     docs = [torch.randint(0, 64, (1, n), generator=torch.Generator().manual_seed(n)) for n in (5, 7, 4)]
     packed = torch.cat(docs, dim=1)
     positions = torch.cat([torch.arange(d.shape[1]) for d in docs])[None]
-    flex = ChunkedLossLM(_tiny_lm("flex_attention"), chunk_tokens=6)
-    reference = ChunkedLossLM(_tiny_lm("eager"), chunk_tokens=6)
+    flex = ChunkedLossLM(tiny_packed_lm("flex_attention"), chunk_tokens=6)
+    reference = ChunkedLossLM(tiny_packed_lm("eager"), chunk_tokens=6)
     with torch.no_grad():
         ours = flex(packed, positions, next_token_labels(packed, positions))
         alone = sum(reference(d, torch.arange(d.shape[1])[None], d.clone()) for d in docs)

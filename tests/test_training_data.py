@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_packed_lm
 from datasets import Dataset
 
 from common.errors import ConfigError
@@ -248,27 +249,10 @@ def test_deepspeed_runner_needs_a_hostfile_and_gets_the_job_environment(tmp_path
     assert stat.S_IMODE(path.stat().st_mode) == 0o600  # may hold HF_TOKEN / WANDB_API_KEY
 
 
-def _tiny_lm(attn: str = "sdpa"):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation=attn,
-        use_cache=False,  # as training_config sets: with a KV cache transformers skips packed-sequence masks
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_documents_do_not_attend_to_each_other(attn):
     """Position ids restarting at a document start give a block-diagonal causal mask."""
-    lm = _tiny_lm(attn)
+    lm = tiny_packed_lm(attn)
     doc_a, doc_b = torch.randint(0, 64, (1, 5)), torch.randint(0, 64, (1, 7))
     packed = torch.cat([doc_a, doc_b], dim=1)
     positions = torch.tensor([[*range(5), *range(7)]])
@@ -284,7 +268,7 @@ def test_chunked_loss_model_sums_what_the_hf_loss_averages():
     from training.model import ChunkedLossLM
     from training.targets import count_targets, next_token_labels
 
-    lm = _tiny_lm()
+    lm = tiny_packed_lm()
     ids = torch.randint(0, 64, (2, 13))
     positions = torch.arange(13).expand(2, 13)
     labels = next_token_labels(ids, positions)  # one document per row: only position 0, never a target
