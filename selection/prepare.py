@@ -63,6 +63,7 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if self.windowing not in WINDOWINGS:
             raise ConfigError(f"data.windowing={self.windowing}: choose one of {WINDOWINGS}")
+        check_bad_record_policy(self.on_bad_record)
         if self.window_size <= 0:
             raise CorpusError(f"data.window_size={self.window_size}: must be a positive number of tokens")
         if not self.sources:
@@ -97,8 +98,8 @@ class PrepareConfig:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Fail on a bad `data` value before any stage runs."""
-    check_bad_record_policy(PrepareConfig.from_cfg(cfg).on_bad_record)
+    """Fail on a bad `data` value before any stage runs (PrepareConfig validates itself)."""
+    PrepareConfig.from_cfg(cfg)
 
 
 def fingerprint_extras(cfg: DictConfig) -> dict[str, Any]:
@@ -267,7 +268,6 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     from datasets.utils.logging import disable_progress_bar, enable_progress_bar
 
     conf = PrepareConfig.from_cfg(cfg)
-    check_bad_record_policy(conf.on_bad_record)
     tokenizer = load_tokenizer(conf.tokenizer, ctx.cache_dir)
     work, parts_dir = ctx.out_dir / "_work", ctx.out_dir / PARTS_DIR
     shutil.rmtree(work, ignore_errors=True)

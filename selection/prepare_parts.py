@@ -16,7 +16,6 @@ import itertools
 import json
 import shutil
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -176,12 +175,13 @@ def _run_chunk(
     batch = list(itertools.islice(records, part_records))
     last = not records.has_more()
     stats = CorpusStats()
-    text_bytes = Counter()
+    text_bytes = 0
     ids: list[str] = []
 
     def documents() -> Iterator[dict[str, str]]:
+        nonlocal text_bytes
         for doc in validated_documents(batch, unit.spec, on_bad_record, stats, seen_in_domain):
-            text_bytes["n"] += len(doc["text"].encode("utf-8"))
+            text_bytes += len(doc["text"].encode("utf-8"))
             ids.append(doc["source_id"])
             yield doc
 
@@ -190,7 +190,7 @@ def _run_chunk(
         domain=unit.spec.domain,
         last=last,
         records=len(batch),
-        text_bytes=text_bytes["n"],
+        text_bytes=text_bytes,
         source_ids=ids,
         stats=stats.as_manifest(),
         **counts,

@@ -26,7 +26,7 @@ from training.engine import (
     training_device,
     zero_stage,
 )
-from training.flops import flops_per_token, non_embedding_params, squared_document_lengths, step_flops
+from training.flops import flops_per_token, mfu, non_embedding_params, squared_document_lengths, step_flops
 from training.model import ChunkedLossLM, load_causal_lm, rope_theta_of
 from training.schedule import StepPlan
 from training.targets import count_targets, micro_batch_loss_scale, next_token_labels
@@ -158,7 +158,7 @@ def _micro_batches(job: TrainJob, step: int, world: int, rank: int) -> list[dict
     return batches
 
 
-def _train_step(model: Model, job: TrainJob, step: int, device: torch.device) -> dict[str, float]:
+def _train_step(model: Model, job: TrainJob, step: int) -> dict[str, float]:
     """One optimizer step: every token of the step weighs the same (training/targets.py). Returns the
     step's loss (mean over all its valid targets, all ranks) and its model FLOPs over all ranks."""
     world, rank = torch.distributed.get_world_size(), rank_info().rank
@@ -167,6 +167,7 @@ def _train_step(model: Model, job: TrainJob, step: int, device: torch.device) ->
         float(sum(count_targets(b["labels"]) for b in batches)),
         float(sum(squared_document_lengths(b["position_ids"]) for b in batches)),
     ]
+    device = model.device
     targets, squared_docs = _sum_over_ranks(local, device)
     scale = micro_batch_loss_scale(world, int(targets))
     loss_sum = 0.0
@@ -195,14 +196,15 @@ def _log_step(
     attention per document (training/flops.py)."""
     world = torch.distributed.get_world_size()
     grad = model.engine.get_global_grad_norm()
+    tokens_per_s = job.plan.tokens_per_step / elapsed / world
     record = {
         "step": done,
         "loss": result["loss"],
         "lr": lr,
         "grad_norm": None if grad is None else float(grad),
         "tokens_seen": done * job.plan.tokens_per_step,
-        "tokens_per_s_per_device": job.plan.tokens_per_step / elapsed / world,
-        "mfu": None if peak is None else result["flops"] / (elapsed * world * peak),
+        "tokens_per_s_per_device": tokens_per_s,
+        "mfu": None if peak is None else mfu(tokens_per_s, result["flops"] / job.plan.tokens_per_step, peak),
         "memory_gib": metrics.peak_memory_gib(model.device),
         "step_seconds": elapsed,
     }
@@ -238,7 +240,7 @@ def train(job: TrainJob, resolved_config: dict[str, Any]) -> dict[str, Any]:
             torch.manual_seed(step_seed(job.seed, step, ranks.rank))
             began = time.perf_counter()
             lr = float(model.scheduler.get_last_lr()[0])  # the rate this step uses
-            result = _train_step(model, job, step, device)
+            result = _train_step(model, job, step)
             done = step + 1
             if done % conf.log_every == 0 or done == last:
                 _log_step(job, model, done, result, lr, time.perf_counter() - began, peak)

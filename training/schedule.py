@@ -16,9 +16,9 @@ class StepPlan:
     """Micro-batches per rank per step."""
     steps: int
     """Optimizer steps that fit the token budget (floor)."""
-    seq_len: int = 0
-    micro_batch: int = 1
-    world_size: int = 1
+    seq_len: int
+    micro_batch: int
+    world_size: int
 
     @property
     def sequences_per_step(self) -> int:
