@@ -11,8 +11,16 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from common.errors import USER_ERROR_EXIT_CODE, UserError
-from experiments.launch import Launch, needs_launch, relaunch
-from experiments.pipeline import run_pipeline
+from experiments.launch import (
+    Launch,
+    check_devices,
+    needs_launch,
+    process_environment,
+    relaunch,
+    report_user_error,
+    visible_cuda_devices,
+)
+from experiments.pipeline import preflight, run_pipeline
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -25,19 +33,20 @@ def main(cfg: DictConfig) -> float | None:
     except UserError as exc:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        report_user_error(str(exc))  # a rank of a relaunched job leaves it to the parent: one line per job
         sys.exit(USER_ERROR_EXIT_CODE)
 
 
 def run(cfg: DictConfig) -> float | None:
     train = cfg.training
     hydra_cfg = HydraConfig.get()
+    os.environ.update(process_environment(cfg))  # before anything initialises CUDA (cuBLAS reads it once)
     if needs_launch(train.num_gpus, train.num_nodes, list(cfg.stages), os.environ):
+        launch = Launch(train.launcher, train.num_gpus, train.num_nodes, train.get("hostfile"))
+        check_devices(launch, str(train.device), visible_cuda_devices(), os.environ)
+        preflight(cfg)  # config and inputs once here, not once per rank after the job started
         code = relaunch(
-            Launch(train.launcher, train.num_gpus, train.num_nodes, train.get("hostfile")),
-            os.path.abspath(__file__),
-            hydra_cfg.runtime.output_dir,
-            list(hydra_cfg.overrides.task),
+            launch, os.path.abspath(__file__), hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task)
         )
         if code:
             sys.exit(code)

@@ -1,10 +1,10 @@
 """Training speed and memory: the chunked LM-head loss against the plain one, and engine throughput.
 
-    python benchmarks/bench_train.py loss [--vocab 49152 --tokens 8192 --hidden 576 --chunk 1024]
+    python benchmarks/bench_train.py loss [--vocab 49152 --tokens 8192 --hidden 576 --chunk 1024 --repeats 3]
     python benchmarks/bench_train.py step [--shape tiny|smollm2|8b --layers N --seq-len T --steps S]
 
 `loss` runs both variants in fresh subprocesses (forward + backward of LM head + cross-entropy on random
-hidden states) and reports seconds and peak memory (CUDA max allocated, or the process's peak RSS
+hidden states; one untimed warm-up pass, then the median of --repeats) and reports seconds and peak memory (CUDA max allocated, or the process's peak RSS
 above its baseline on CPU), and their ratios. `step` trains a randomly initialised Llama of the given
 shape through the project's DeepSpeed engine set-up (ChunkedLossLM, ZeRO config, bf16) on random tokens,
 one sequence per step, and reports tokens/s per device, MFU (GPU) and peak memory. Results go in
@@ -37,7 +37,10 @@ def _rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def loss_child(variant: str, vocab: int, tokens: int, hidden: int, chunk: int, device: str) -> dict:
+def loss_child(
+    variant: str, vocab: int, tokens: int, hidden: int, chunk: int, device: str, repeats: int = 3
+) -> dict:
+    """One variant after one untimed warm-up pass; the median of `repeats` timed passes."""
     import torch
     import torch.nn.functional as F
 
@@ -49,22 +52,31 @@ def loss_child(variant: str, vocab: int, tokens: int, hidden: int, chunk: int, d
     h = torch.randn(1, tokens, hidden, device=dev, dtype=dtype, requires_grad=True)
     head = torch.nn.Linear(hidden, vocab, bias=False, device=dev, dtype=dtype)
     labels = torch.randint(0, vocab, (1, tokens), device=dev)
-    base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else _rss_gib() * 2**30
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    start = time.perf_counter()
-    if variant == "plain":
-        logits = head(h).float()
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1))
-    else:
-        loss = chunked_lm_loss(h, head, labels, chunk)
-    loss.backward()
+
+    def forward_backward() -> float:
+        h.grad = head.weight.grad = None
+        if variant == "plain":
+            logits = head(h).float()
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1))
+        else:
+            loss = chunked_lm_loss(h, head, labels, chunk)
+        loss.backward()
+        return float(loss)  # synchronises with the device
+
+    base = _rss_gib() * 2**30  # CPU: peak RSS above the inputs (the warm-up pass peaks as the timed ones)
+    forward_backward()  # warm-up: CUDA context, cuBLAS handles and workspaces, allocator pools
+    h.grad = head.weight.grad = None
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-        peak = torch.cuda.max_memory_allocated(dev) - base
-    else:
-        peak = _rss_gib() * 2**30 - base
-    return {"seconds": time.perf_counter() - start, "peak_gib": peak / 2**30, "loss": float(loss)}
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        loss = forward_backward()
+        times.append(time.perf_counter() - start)
+    now = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _rss_gib() * 2**30
+    return {"seconds": sorted(times)[len(times) // 2], "peak_gib": (now - base) / 2**30, "loss": loss}
 
 
 def run_loss(args) -> None:
@@ -81,6 +93,7 @@ def run_loss(args) -> None:
                 str(args.hidden),
                 str(args.chunk),
                 args.device,
+                str(args.repeats),
             ],
             capture_output=True,
             text=True,
@@ -184,8 +197,9 @@ def run_step(args) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "loss-child":
-        variant, vocab, tokens, hidden, chunk, device = sys.argv[2:8]
-        print(json.dumps(loss_child(variant, int(vocab), int(tokens), int(hidden), int(chunk), device)))
+        variant, vocab, tokens, hidden, chunk, device, repeats = sys.argv[2:9]
+        result = loss_child(variant, int(vocab), int(tokens), int(hidden), int(chunk), device, int(repeats))
+        print(json.dumps(result))
         return
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -197,6 +211,7 @@ def main() -> None:
     loss.add_argument("--hidden", type=int, default=576)
     loss.add_argument("--chunk", type=int, default=1024)
     loss.add_argument("--device", default="cpu")
+    loss.add_argument("--repeats", type=int, default=3, help="timed passes after one warm-up (median)")
     step = sub.add_parser("step")
     step.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     step.add_argument("--layers", type=int, default=None, help="fewer layers than the shape's (memory)")

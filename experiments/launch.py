@@ -19,17 +19,23 @@ it may hold HF_TOKEN / WANDB_API_KEY) and handed to it as DS_ENV_FILE.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.atomic import atomic_write_text
 from common.distributed import rank_info
-from common.errors import ConfigError
+from common.errors import ConfigError, UserError
 
 DEFAULT_PORT = "29500"
+ERROR_DIR = ".launch_errors"
+"""Under the run directory: one file per rank of a relaunched job that stopped on a user error."""
+ERROR_DIR_ENV = "LONGATTN_ERROR_DIR"
 DEEPSPEED_ENV_FILE = ".deepspeed_env"
 # Variables a remote rank needs (prefixes); the DeepSpeed runner itself forwards only PYTHON*, NCCL*, UCX*...
 FORWARDED_ENV_PREFIXES = (
@@ -56,6 +62,20 @@ class Launch:
     num_gpus: int
     num_nodes: int = 1
     hostfile: str | None = None
+
+
+DETERMINISTIC_CUBLAS = ":4096:8"
+
+
+def process_environment(cfg: Mapping) -> dict[str, str]:
+    """Variables the process needs before CUDA starts. `training.deterministic` needs cuBLAS's fixed
+    workspace (CUBLAS_WORKSPACE_CONFIG), which cuBLAS reads when its first handle is created: in a
+    pipeline that already scored on the GPU, setting it at the train stage would be too late. A value the
+    user set is kept."""
+    training = cfg.get("training") or {}
+    if training.get("deterministic") and "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+        return {"CUBLAS_WORKSPACE_CONFIG": DETERMINISTIC_CUBLAS}
+    return {}
 
 
 def needs_launch(num_gpus: int, num_nodes: int, stages: Sequence[str], env: Mapping[str, str]) -> bool:
@@ -133,12 +153,105 @@ def write_deepspeed_env(run_dir: Path, env: Mapping[str, str]) -> Path:
     return path
 
 
+class LaunchedUserError(UserError):
+    """A rank of the relaunched job stopped on a user error; its message is the parent's one line."""
+
+
+def visible_cuda_devices() -> int:
+    """CUDA devices this process may use (CUDA_VISIBLE_DEVICES applied); counting creates no context."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_devices(launch: Launch, device: str, visible: int, env: Mapping[str, str]) -> None:
+    """Refuse more processes per node than GPUs before starting any: each rank takes `cuda:<local
+    rank>`, so rank `visible` would crash after the job's start-up (or, with no GPU at all, every rank
+    would train on the CPU). `training.device=cpu` starts CPU processes (gloo) deliberately."""
+    if device == "cpu" or launch.num_gpus <= 1 or launch.num_gpus <= visible:
+        return
+    shown = env.get("CUDA_VISIBLE_DEVICES")
+    where = f"CUDA_VISIBLE_DEVICES={shown!r}" if shown is not None else "CUDA_VISIBLE_DEVICES unset"
+    raise ConfigError(
+        f"training.num_gpus={launch.num_gpus}: this machine shows {visible} CUDA device(s) ({where}); set "
+        f"training.num_gpus={max(visible, 1)} (processes per node), or training.device=cpu to start "
+        f"{launch.num_gpus} CPU processes (gloo)"
+    )
+
+
+def report_user_error(message: str, env: Mapping[str, str] = os.environ) -> None:
+    """`error: <message>` on stderr; in a rank of our relaunch, the message goes to the run directory
+    instead, and the parent prints it once for the whole job (not once per rank)."""
+    folder = env.get(ERROR_DIR_ENV)
+    if folder and "RANK" in env:
+        atomic_write_text(Path(folder) / f"rank-{int(env['RANK']):05d}.txt", message)
+        return
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def first_user_error(folder: Path) -> str | None:
+    """The lowest rank's user error written by `report_user_error`, if any rank wrote one."""
+    files = sorted(Path(folder).glob("rank-*.txt")) if Path(folder).is_dir() else []
+    return files[0].read_text(encoding="utf-8") if files else None
+
+
+class _QuietWhenUserError(logging.Filter):
+    """Drops torchrun's "failed (exitcode: 2)" record when that failure is a reported user error."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = folder
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return first_user_error(self.folder) is None
+
+
+def run_torchrun_here(args: Sequence[str], errors: Path) -> int:
+    """torchrun's own `run` in this process (the agent, its rendezvous and workers as the command
+    `python -m torch.distributed.run <args>` would start them), so that a worker's user error ends as
+    one line instead of the agent's ChildFailedError traceback. Returns the exit code."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    quiet = _QuietWhenUserError(errors)
+    agent_log.addFilter(quiet)
+    try:
+        torchrun.run(torchrun.parse_args(list(args)))
+    except ChildFailedError as exc:
+        if first_user_error(errors) is None:  # a bug in a worker: torchrun's report, as torchrun prints it
+            print(exc.format_msg(), file=sys.stderr, flush=True)
+        return 1
+    finally:
+        agent_log.removeFilter(quiet)
+    return 0
+
+
 def relaunch(launch: Launch, script: str, run_dir: str, overrides: Sequence[str]) -> int:
-    """Run the job under the launcher and wait; returns its exit code."""
+    """Run the job under the launcher and wait; returns its exit code, or raises LaunchedUserError with
+    the first rank's message when a rank stopped on a user error."""
     assert rank_info().world_size == 1
     cmd = launch_command(launch, script, overrides, os.environ)  # multi-node checks the user's variables
-    env = {**os.environ, "LONGATTN_RUN_DIR": run_dir}
-    if launch.launcher == "deepspeed" and launch.num_nodes > 1:  # the runner starts remote ranks over ssh
-        env["DS_ENV_FILE"] = str(write_deepspeed_env(Path(run_dir), env).resolve())
+    errors = Path(run_dir) / ERROR_DIR
+    shutil.rmtree(errors, ignore_errors=True)
+    job_env = {"LONGATTN_RUN_DIR": run_dir, ERROR_DIR_ENV: str(errors)}
     print("launching:", " ".join(cmd), flush=True)
-    return subprocess.call(cmd, env=env)
+    if launch.launcher == "torchrun":
+        saved = {k: os.environ.get(k) for k in job_env}
+        os.environ.update(job_env)  # the agent starts its workers with this process's environment
+        try:
+            code = run_torchrun_here(cmd[3:], errors)  # cmd = [python, -m, torch.distributed.run, *args]
+        finally:  # a sweep's next member must not inherit this job's run directory
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    else:
+        env = {**os.environ, **job_env}
+        if launch.num_nodes > 1:  # the runner starts remote ranks over ssh
+            env["DS_ENV_FILE"] = str(write_deepspeed_env(Path(run_dir), env).resolve())
+        code = subprocess.call(cmd, env=env)
+    if code and (message := first_user_error(errors)):
+        raise LaunchedUserError(message)
+    return code

@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from common.accelerator import release_accelerator_memory
 from common.artifacts import Artifact, artifact_for
 from common.atomic import atomic_write_json
 from common.distributed import rank_info, wait_until
@@ -93,16 +94,25 @@ def run_stage(
     return manifest
 
 
-def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
-    """Returns {stage: manifest}; writes artifacts.json (stage -> artifact dir, the requested stages' and the
-    complete upstream ones they build on) into the run directory."""
+def preflight(cfg: DictConfig) -> dict[str, str]:
+    """What can be checked before any stage runs: the stage names, every requested stage's config, and
+    the fingerprints, which read the inputs' signatures (a data source that matches no file fails here).
+    run.py calls it once before starting a multi-process job, so a typo gives one line, not one per rank.
+    Returns the fingerprints of the requested stages and their upstream."""
     requested = validate_stages(list(cfg.stages))
     for name in requested:  # every requested stage's config, before the first one runs
         STAGES[name].check_config(cfg)
+    return stage_fingerprints(cfg, requested)
+
+
+def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
+    """Returns {stage: manifest}; writes artifacts.json (stage -> artifact dir, the requested stages' and the
+    complete upstream ones they build on) into the run directory."""
+    fps = preflight(cfg)
+    requested = validate_stages(list(cfg.stages))
     artifacts_dir = Path(cfg.paths.artifacts_dir).expanduser().resolve()
     run_dir = Path(cfg.paths.output_dir).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    fps = stage_fingerprints(cfg, requested)
     main = rank_info().is_main
     logger_cfg = cfg.get("logger") if main else None  # log from rank 0 only
     tracker = make_tracker(
@@ -129,6 +139,13 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
                 atomic_write_json(run_dir / "artifacts.json", index)
             art = artifact_for(artifacts_dir, name, fps[name])
             manifests[name] = run_stage(cfg, name, art, inputs, tracker)
+            if released := release_accelerator_memory():  # the next stage starts with a free GPU
+                log.info(
+                    "%s: CUDA cache released (%.2f -> %.2f GiB reserved)",
+                    name,
+                    released["reserved_gib_before"],
+                    released["reserved_gib_after"],
+                )
             index[name] = str(art.path)
             if main:
                 atomic_write_json(run_dir / "artifacts.json", index)

@@ -91,10 +91,18 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def resolve_device(device: str, ranks: RankInfo) -> str:
+    """`selection.device` for this rank: auto = its own GPU (`cuda:<local rank>`) or the CPU. The rank's
+    GPU also becomes the current CUDA device: kernels launched without an explicit device (Triton's,
+    cuBLAS handles, `torch.cuda.synchronize()`) go to the current device, which is cuda:0 otherwise, and
+    would read another GPU's pointers there."""
     import torch
 
     if device == "auto":
-        return f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"
+        device = f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda":
+        device = f"cuda:{ranks.local_rank}"
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))
     return device
 
 

@@ -42,6 +42,17 @@ CPU = {"device_type": "cpu", "seq_len": 32768}
             "no attention dropout",
         ),
         ({**CPU, "flash_available": False, "dropout": 0.1, "micro_batch": 1}, "sdpa", "no backward on CPU"),
+        # fp32 training (training=cpu_demo, debug=tiny) on a GPU: flash-attn has no fp32 kernels
+        (
+            {**CUDA, "flash_available": True, "dropout": 0.0, "micro_batch": 1, "precision": "fp32"},
+            "flex_attention",
+            "flash-attn has no fp32 kernels",
+        ),
+        (
+            {**CUDA, "flash_available": True, "dropout": 0.1, "micro_batch": 1, "precision": "fp32"},
+            "sdpa",
+            "flash-attn has no fp32 kernels",
+        ),
     ],
 )
 def test_auto_picks_a_document_masking_kernel_and_says_why(setting, expected, why):
@@ -69,6 +80,11 @@ def test_the_sdpa_fallback_states_its_mask_cost():
             "flash_attention_2",
             {**CUDA, "flash_available": False, "dropout": 0, "micro_batch": 1},
             "pip install",
+        ),
+        (
+            "flash_attention_2",
+            {**CUDA, "flash_available": True, "dropout": 0, "micro_batch": 1, "precision": "fp32"},
+            "precision=fp32: flash-attn runs fp16/bf16 only",
         ),
         (
             "flex_attention",

@@ -75,6 +75,9 @@ def test_zero2_and_zero3_bf16_train_checkpoint_and_save_a_reloadable_model(make_
         # the saved directory is a Hugging Face model with the ABF theta, and it was trained
         model = AutoModelForCausalLM.from_pretrained(out / "model")
         assert rope_theta_of(model.config) == 1e6
+        # transformers 4 readers (vLLM on transformers 4.x) find the ABF base at the top level too
+        saved_config = json.loads((out / "model" / "config.json").read_text())
+        assert saved_config["rope_theta"] == 1e6 and saved_config["rope_scaling"] is None
         assert (out / "model" / "training_config.yaml").is_file()
         saved = _weights(out / "model")
         initial = _weights(Path(resolve_model_path("tiny_llama")))

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from common.errors import ConfigError
 
 CHOICES = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
+FLASH_PRECISIONS = ("bf16",)
+"""`training.precision` values flash-attn can train in (it has no fp32 kernels)."""
 
 
 @dataclass(frozen=True)
@@ -48,18 +50,25 @@ def _sdpa_mask_note(seq_len: int) -> str:
     )
 
 
-def _auto(device_type: str, flash_available: bool, dropout: float, micro_batch: int, seq_len: int):
+def _auto(
+    device_type: str, flash_available: bool, dropout: float, micro_batch: int, seq_len: int, precision: str
+):
     if device_type != "cuda":
         return AttentionChoice(
             "sdpa",
             f"auto on {device_type}: FlexAttention has no backward on CPU; sdpa with {_sdpa_mask_note(seq_len)}",
         )
-    if flash_available and micro_batch == 1:
+    if flash_available and micro_batch == 1 and precision in FLASH_PRECISIONS:
         return AttentionChoice(
             "flash_attention_2",
             "auto: flash-attn is installed; varlen kernels with document boundaries from the position ids",
         )
-    why = "flash-attn is not installed" if not flash_available else "training.micro_batch > 1"
+    if not flash_available:
+        why = "flash-attn is not installed"
+    elif precision not in FLASH_PRECISIONS:
+        why = f"flash-attn has no {precision} kernels (training.precision={precision})"
+    else:
+        why = "training.micro_batch > 1"
     if dropout == 0:
         return AttentionChoice(
             "flex_attention",
@@ -82,17 +91,25 @@ def choose_attention(
     micro_batch: int,
     seq_len: int,
     packed_masks: bool = True,
+    precision: str = "bf16",
 ) -> AttentionChoice:
     """The implementation for `training.attn_implementation=requested`, or a ConfigError naming the fix
-    when it would let packed documents attend to each other or cannot train here."""
+    when it would let packed documents attend to each other or cannot train here. `precision` is
+    `training.precision`: flash-attn has fp16/bf16 kernels only, so fp32 training (`training=cpu_demo`,
+    `debug=tiny` on a GPU) never gets it."""
     key = f"training.attn_implementation={requested}"
     if requested not in CHOICES:
         raise ConfigError(f"{key}: choose one of {CHOICES} (others are not checked for document masking)")
     if requested == "auto":
-        choice = _auto(device_type, flash_available, dropout, micro_batch, seq_len)
+        choice = _auto(device_type, flash_available, dropout, micro_batch, seq_len, precision)
     elif requested == "flash_attention_2":
         if device_type != "cuda" or not flash_available:
             raise ConfigError(f"{key} needs CUDA and flash-attn (pip install flash-attn); or use auto")
+        if precision not in FLASH_PRECISIONS:
+            raise ConfigError(
+                f"{key} with training.precision={precision}: flash-attn runs fp16/bf16 only; set "
+                "training.precision=bf16, or training.attn_implementation=auto (FlexAttention or sdpa in fp32)"
+            )
         if micro_batch > 1:
             raise ConfigError(
                 f"{key} with training.micro_batch={micro_batch}: transformers takes document boundaries from "

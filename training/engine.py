@@ -49,7 +49,7 @@ def apply_determinism(enabled: bool) -> None:
     """
     if not enabled:
         return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # run.py sets it at process start already
     os.environ["FLASH_ATTENTION_DETERMINISTIC"] = "1"
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic = True

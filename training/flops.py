@@ -15,8 +15,25 @@ from __future__ import annotations
 
 import torch
 
-# Dense bf16 peak FLOP/s per device (vendor datasheets, no sparsity).
-PEAK_BF16_FLOPS = {"H100": 989e12, "H800": 989e12, "H200": 989e12, "A100": 312e12}
+# Dense bf16 peak FLOP/s per device (NVIDIA datasheets, without sparsity), keyed by the exact name
+# `torch.cuda.get_device_name` reports. Exact, because the parts of one family differ: an H100 PCIe
+# (756) or NVL (835) is not an H100 SXM (989). A name not listed gets no MFU unless training.peak_flops
+# is set (said once at start).
+PEAK_BF16_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12,  # H100 SXM5
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,  # H200 SXM
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA GH200 480GB": 989e12,
+    "NVIDIA H800": 989e12,  # H800 SXM5, the paper's GPU
+    "NVIDIA H800 PCIe": 756e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A800-SXM4-80GB": 312e12,
+}
 
 
 def flops_per_token(non_embedding_params: float, n_layers: int, d_model: int, seq_len: int) -> float:

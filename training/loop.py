@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -27,7 +28,7 @@ from training.engine import (
     zero_stage,
 )
 from training.flops import flops_per_token, mfu, non_embedding_params, squared_document_lengths, step_flops
-from training.model import ChunkedLossLM, load_causal_lm, rope_theta_of
+from training.model import ChunkedLossLM, load_causal_lm, rope_theta_of, with_legacy_rope_fields
 from training.schedule import StepPlan
 from training.targets import count_targets, micro_batch_loss_scale, next_token_labels
 
@@ -88,6 +89,10 @@ def _save_final_model(engine, lm, job: TrainJob, resolved_config: dict[str, Any]
         lm_state = {k.removeprefix("lm."): v for k, v in state.items()}
         lm.config.use_cache = True  # off only for training; generation without a KV cache is quadratic
         lm.save_pretrained(tmp, state_dict=lm_state, safe_serialization=True)
+        config_file = tmp / "config.json"  # readable with the right RoPE base by transformers 4 too (vLLM)
+        config_file.write_text(
+            json.dumps(with_legacy_rope_fields(json.loads(config_file.read_text())), indent=2)
+        )
         load_tokenizer(job.model_name, job.cache_dir).save_pretrained(tmp)
         from omegaconf import OmegaConf
 
@@ -229,6 +234,7 @@ def train(job: TrainJob, resolved_config: dict[str, Any]) -> dict[str, Any]:
     try:
         model = _build(job, device, ds_config)
         resumed_from = _resume(model, job)
+        metrics.reset_peak_memory(device)
         start = resumed_from or 0
         if ranks.is_main:
             metrics.truncate_records(job.out_dir, start)
@@ -251,10 +257,13 @@ def train(job: TrainJob, resolved_config: dict[str, Any]) -> dict[str, Any]:
                 }
                 _save_checkpoint(model.engine, job, done, state)
         model_dir = _save_final_model(model.engine, model.lm, job, resolved_config)
+        manifest = _manifest(job, model, model_dir, last, resumed_from) if ranks.is_main else None
+        if hasattr(model.engine, "destroy"):  # hooks and optimizer buffers: free the GPU for later stages
+            model.engine.destroy()
     finally:
         if hf_ds is not None:
             unset_hf_deepspeed_config()  # else a later from_pretrained in this process builds empty ZeRO-3 weights
-    return _manifest(job, model, model_dir, last, resumed_from) if ranks.is_main else None
+    return manifest
 
 
 def _manifest(

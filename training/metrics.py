@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import sys
 from pathlib import Path
@@ -13,21 +14,39 @@ import torch
 from common.atomic import atomic_write_text
 from training.flops import PEAK_BF16_FLOPS
 
+log = logging.getLogger(__name__)
+
 METRICS_FILE = "metrics.jsonl"
 
 
 def peak_flops_for(device: torch.device, configured: float | None) -> float | None:
-    """Configured peak, else the bf16 datasheet peak matched by GPU name; None on CPU (MFU omitted)."""
+    """Configured peak, else the bf16 datasheet peak of this exact GPU name; None on CPU or for a GPU
+    not in the table (MFU omitted, with one warning naming training.peak_flops)."""
     if configured:
         return float(configured)
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device).upper()
-    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+    name = torch.cuda.get_device_name(device)
+    peak = PEAK_BF16_FLOPS.get(name)
+    if peak is None:
+        log.warning(
+            "train: no bf16 peak FLOP/s known for GPU %r, so no MFU; set training.peak_flops=<FLOP/s> "
+            "(dense bf16, per device) to report it",
+            name,
+        )
+    return peak
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak-memory count here (after the model is loaded and the engine built), so the logged
+    peak is training's, not a transient of loading or of an earlier stage in the same process."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_memory_gib(device: torch.device) -> float:
-    """Peak CUDA memory allocated, or the process's peak resident set size on CPU."""
+    """Peak CUDA memory allocated since `reset_peak_memory`, or the process's peak resident set size on
+    CPU (which cannot be reset: it includes loading)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

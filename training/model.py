@@ -36,6 +36,7 @@ def attention_for(conf: TrainConfig, device: torch.device) -> AttentionChoice:
         micro_batch=conf.micro_batch,
         seq_len=conf.seq_len,
         packed_masks=packed_masks_supported(),
+        precision=conf.precision,
     )
 
 
@@ -64,6 +65,24 @@ def apply_abf(config, theta: float) -> str | None:
         )
     config.rope_parameters = {"rope_type": "default", "rope_theta": float(theta)}
     return rope_type if rope_type != "default" else None
+
+
+def with_legacy_rope_fields(config_json: dict) -> dict:
+    """config.json with transformers-4 RoPE fields beside transformers 5's `rope_parameters`.
+
+    transformers 5 saves the RoPE base only inside `rope_parameters`. A reader on transformers 4 (vLLM
+    pinned to a 4.x transformers) builds LlamaConfig with its default `rope_theta` (10000) and, in vLLM's
+    `patch_rope_parameters` (vllm/transformers_utils/config.py, transformers < 5 branch), copies that
+    default INTO `rope_parameters`: a model trained with ABF (8e6) would be evaluated with base 1e4. So
+    the saved config also carries `rope_theta` (and `rope_scaling` for a scaled RoPE type), which
+    transformers 5 ignores when `rope_parameters` is present (tested)."""
+    params = config_json.get("rope_parameters")
+    if not isinstance(params, dict) or "rope_theta" not in params:
+        return config_json
+    out = dict(config_json, rope_theta=params["rope_theta"])
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    out["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
+    return out
 
 
 def training_config(name_or_path: str, cache_dir: Path, conf: TrainConfig):

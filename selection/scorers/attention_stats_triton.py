@@ -12,6 +12,7 @@ On a CPU machine it runs under the Triton interpreter (TRITON_INTERPRET=1), whic
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -112,27 +113,30 @@ def triton_head_sums(
     out1 = torch.empty(heads, length, device=q.device, dtype=torch.float32)
     out2 = torch.empty_like(out1)
     grid = (triton.cdiv(length, block_m), heads)
-    _far_sums_kernel[grid](
-        q,
-        k,
-        out1,
-        out2,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        length,
-        min_distance,
-        exclude_sink_tokens,
-        dim**-0.5,
-        REP=heads // kv_heads,
-        HEAD_DIM=dim,
-        DIM_P2=max(16, triton.next_power_of_2(dim)),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        IEEE=q.dtype == torch.float32,
-        CAUSAL=bool(causal),
-    )
+    # Triton launches on the current CUDA device: make it q's, whatever the caller's current device is
+    launch_on = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
+    with launch_on:
+        _far_sums_kernel[grid](
+            q,
+            k,
+            out1,
+            out2,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            length,
+            min_distance,
+            exclude_sink_tokens,
+            dim**-0.5,
+            REP=heads // kv_heads,
+            HEAD_DIM=dim,
+            DIM_P2=max(16, triton.next_power_of_2(dim)),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            IEEE=q.dtype == torch.float32,
+            CAUSAL=bool(causal),
+        )
     return out1.sum(-1, dtype=torch.float64), out2.sum(-1, dtype=torch.float64)
 
 

@@ -88,7 +88,9 @@ def layer_cds(q_HLD: torch.Tensor, k_KLD: torch.Tensor, opts: LadmOptions) -> fl
     for start in starts:
         end = min(start + chunk, length)
         p = _chunk_prefix_attention(q_HLD, k_KLD, start, end).double()
-        distances = torch.arange(interval, start - chunk + 1, interval, dtype=torch.float64)  # s - t >= keep
+        distances = torch.arange(  # s - t >= keep; on p's device (CUDA scoring)
+            interval, start - chunk + 1, interval, dtype=torch.float64, device=p.device
+        )
         prefix = torch.cat([p.new_zeros(1), p.cumsum(0)])
         lo = (start - distances).long()
         hi = torch.clamp(end - distances, max=start).long()
@@ -127,7 +129,7 @@ def layer_cds_reference(q_HLD: torch.Tensor, k_KLD: torch.Tensor, opts: LadmOpti
         all_pfs = torch.stack(all_pfs, dim=-1)
         pfs_std = all_pfs.std(dim=1)
         if opts.ablation != "no_len_weight":
-            all_pfs = all_pfs * (torch.tensor(intervals) / length)
+            all_pfs = all_pfs * (torch.tensor(intervals, device=all_pfs.device) / length)
         afs = all_pfs.sum(dim=1)
         if opts.ablation != "no_std":
             afs = afs * pfs_std

@@ -100,6 +100,12 @@ def authors_sequence(window: Sequence[int], decoder, encoder, length: int) -> li
     return list(encoded["input_ids"])
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued kernels (a no-op on CPU), so a host clock reads finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def resolve_impl(impl: str, device: torch.device) -> str:
     if impl != "auto":
         return impl
@@ -178,6 +184,7 @@ class LongAttnScorer:
         return ids
 
     def _stats(self, layer: int, q: torch.Tensor, k: torch.Tensor, causal: bool) -> HeadStats:
+        sync(q.device)  # the q/k projection may still be running: keep it out of this timing
         start = time.perf_counter()
         k_dist = (
             self.options.min_distance
@@ -185,6 +192,7 @@ class LongAttnScorer:
             else default_min_distance(q.shape[1])
         )
         stats = head_stats(q, k, k_dist, self.impl, self.options.exclude_sink_tokens, causal)
+        sync(q.device)  # CUDA kernels are asynchronous: read the clock after they finish
         key = (layer, causal)
         self.stats_seconds[key] = self.stats_seconds.get(key, 0.0) + time.perf_counter() - start
         return stats
