@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # The exact versions CI tested (pip constraints; torch, triton and CUDA libraries are left to your torch build).
 CONSTRAINTS := constraints.txt
 
-.PHONY: install demo test lint clean constraints
+.PHONY: install demo test lint clean constraints gpu-kit
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -n "$(PYTHON)" || { echo "error: no python3.11 or python3 on PATH (set PYTHON=/path/to/python3.x, >= 3.10)"; exit 2; }
@@ -32,6 +32,11 @@ TEST_WORKERS ?= 2
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
+# What the lent GPU machine lacks (wheels for Python 3.12 + SmolLM2's tokenizer files) into .gpu-kit/ (git-ignored),
+# carried by the device tool for benchmarks/gpu_suite.py (benchmarks/RESULTS.md has the exact device call).
+gpu-kit: $(STAMP)
+	$(PY) benchmarks/gpu_kit.py --out .gpu-kit
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
@@ -51,4 +56,4 @@ constraints:
 	rm -rf .venv-constraints
 
 clean:
-	rm -rf $(VENV) .venv-constraints artifacts logs .pytest_cache
+	rm -rf $(VENV) .venv-constraints artifacts logs .pytest_cache .gpu-kit

@@ -112,7 +112,18 @@ def run_loss(args) -> None:
     )
 
 
-def run_step(args) -> None:
+def measure_step(
+    shape: str = "tiny",
+    layers: int | None = None,
+    seq_len: int = 1024,
+    steps: int = 3,
+    zero: str = "zero2",
+    chunk: int = 4096,
+    attn: str = "sdpa",
+    device: str = "auto",
+) -> dict:
+    """Train a randomly initialised Llama of `shape` for 1 + `steps` steps (the first one warms up) through
+    the project's engine set-up; returns the measurements (also used by benchmarks/gpu_suite.py)."""
     import deepspeed
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -127,23 +138,23 @@ def run_step(args) -> None:
         training_device,
     )
     from training.flops import flops_per_token, non_embedding_params
-    from training.metrics import peak_flops_for, peak_memory_gib
+    from training.metrics import peak_flops_for, peak_memory_gib, reset_peak_memory
     from training.model import ChunkedLossLM
     from training.schedule import plan_steps
 
-    hidden, inter, heads, kv, vocab, layers = SHAPES[args.shape]
-    layers = args.layers or layers
+    hidden, inter, heads, kv, vocab, default_layers = SHAPES[shape]
+    layers = layers or default_layers
     conf = TrainConfig(
-        seq_len=args.seq_len,
-        budget_tokens=args.seq_len * (args.steps + 1),
-        global_batch_tokens=args.seq_len,
-        deepspeed=args.zero,
-        device=args.device,
-        loss_chunk_tokens=args.chunk,
+        seq_len=seq_len,
+        budget_tokens=seq_len * (steps + 1),
+        global_batch_tokens=seq_len,
+        deepspeed=zero,
+        device=device,
+        loss_chunk_tokens=chunk,
     )
     ranks = rank_info()
-    device = training_device(conf.device, ranks)
-    init_distributed(device, ranks)
+    dev = training_device(conf.device, ranks)
+    init_distributed(dev, ranks)
     plan = plan_steps(conf.budget_tokens, conf.global_batch_tokens, conf.seq_len)
     ds_config = deepspeed_config(conf, plan)
     config = LlamaConfig(
@@ -153,45 +164,72 @@ def run_step(args) -> None:
         num_key_value_heads=kv,
         vocab_size=vocab,
         num_hidden_layers=layers,
-        max_position_embeddings=args.seq_len,
+        max_position_embeddings=seq_len,
         use_cache=False,
-        attn_implementation=args.attn,
+        attn_implementation=attn,
     )
     torch.manual_seed(0)
-    lm = LlamaForCausalLM(config).to(torch.bfloat16)
+    with dev:  # initialise on the device: a 2B-parameter model initialises in seconds there, minutes on CPU
+        lm = LlamaForCausalLM(config).to(torch.bfloat16)
     lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    flops_tok = flops_per_token(non_embedding_params(lm), layers, hidden, args.seq_len)
+    flops_tok = flops_per_token(non_embedding_params(lm), layers, hidden, seq_len)
     model = ChunkedLossLM(lm, conf.loss_chunk_tokens)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        optimizer=build_optimizer(model, conf, ds_config, device),
+        optimizer=build_optimizer(model, conf, ds_config, dev),
         lr_scheduler=lambda opt: build_scheduler(opt, conf, plan.steps),
         config=ds_config,
     )
-    ids = torch.randint(0, vocab, (1, args.seq_len), device=device)
-    pos = torch.arange(args.seq_len, device=device)[None]
+    reset_peak_memory(dev)
+    ids = torch.randint(0, vocab, (1, seq_len), device=dev)
+    pos = torch.arange(seq_len, device=dev)[None]
     times = []
-    for step in range(args.steps + 1):  # the first step warms up (allocations, kernels)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    for _ in range(steps + 1):  # the first step warms up (allocations, kernels, compilation)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         began = time.perf_counter()
         summed = engine(input_ids=ids, position_ids=pos, labels=ids)  # summed over the seq_len - 1 targets
-        engine.backward(summed / (args.seq_len - 1))
+        engine.backward(summed / (seq_len - 1))
         engine.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if step:
-            times.append(time.perf_counter() - began)
-    tok_s = args.seq_len / (sum(times) / len(times))
-    peak = peak_flops_for(device, None)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(
-        f"{args.shape}-shaped Llama, {layers} layers, seq {args.seq_len:,}, {args.zero}, bf16, {args.attn}, {name}"
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        times.append(time.perf_counter() - began)
+    step_s = sum(times[1:]) / max(len(times) - 1, 1)
+    tok_s = seq_len / step_s
+    peak = peak_flops_for(dev, None)
+    result = {
+        "shape": shape,
+        "layers": layers,
+        "seq_len": seq_len,
+        "zero": zero,
+        "attn": attn,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU",
+        "non_embedding_params": non_embedding_params(lm),
+        "flops_per_token": flops_tok,
+        "step_seconds": times,
+        "tokens_per_s": tok_s,
+        "mfu": None if peak is None else tok_s * flops_tok / peak,
+        "peak_memory_gib": peak_memory_gib(dev),
+    }
+    if hasattr(engine, "destroy"):
+        engine.destroy()
+    return result
+
+
+def run_step(args) -> None:
+    r = measure_step(
+        args.shape, args.layers, args.seq_len, args.steps, args.zero, args.chunk, args.attn, args.device
     )
-    print(f"non-embedding params {non_embedding_params(lm) / 1e9:.3f} B; FLOPs/token {flops_tok:.3e}")
     print(
-        f"tokens/s/device {tok_s:,.0f}; step {sum(times) / len(times):.3f} s; "
-        f"MFU {'-' if peak is None else f'{100 * tok_s * flops_tok / peak:.1f}%'}; peak mem {peak_memory_gib(device):.2f} GiB"
+        f"{r['shape']}-shaped Llama, {r['layers']} layers, seq {r['seq_len']:,}, {r['zero']}, bf16, {r['attn']}, {r['device']}"
+    )
+    print(
+        f"non-embedding params {r['non_embedding_params'] / 1e9:.3f} B; FLOPs/token {r['flops_per_token']:.3e}"
+    )
+    mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+    print(
+        f"tokens/s/device {r['tokens_per_s']:,.0f}; step {sum(r['step_seconds'][1:]) / max(len(r['step_seconds']) - 1, 1):.3f} s "
+        f"(warm-up step {r['step_seconds'][0]:.2f} s); MFU {mfu}; peak mem {r['peak_memory_gib']:.2f} GiB"
     )
 
 
