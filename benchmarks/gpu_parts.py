@@ -27,9 +27,28 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_longattn import SHAPES as QK_SHAPES  # noqa: E402  (heads, kv heads, head dim of layer 0)
 
-SMOKE_QK = {"tiny": (4, 2, 16)}
-LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32}
-LLAMA3_8B.update(num_key_value_heads=8, vocab_size=128256, rope_theta=5e5)
+# What differs between the device ("full") and the CPU smoke run: sizes only, so the smoke run takes the
+# code paths (configs, overrides, stages) the device will take.
+SIZES: dict[str, dict[str, Any]] = {
+    "full": {
+        "qk_shapes": {name: QK_SHAPES[name] for name in ("8b", "70b")},
+        "hidden": {"8b": 4096, "70b": 8192},  # model width of the layer-0 projection
+        "vocab": 128256,
+        "lengths": [1024, 8192, 32768],
+        "all_heads_up_to": 8192,  # above: blocked on 8 heads, reference on one GQA group
+        "throughput_length": 32768,
+        "reps": 5,
+    },
+    "smoke": {
+        "qk_shapes": {"tiny": (4, 2, 16)},
+        "hidden": {"tiny": 64},
+        "vocab": 1000,
+        "lengths": [256],
+        "all_heads_up_to": 8192,
+        "throughput_length": 256,
+        "reps": 1,
+    },
+}
 
 
 class Recorder:
@@ -198,16 +217,14 @@ def part_triton_correctness(mode: str, work: Path, rec: Recorder) -> None:
     )
     from selection.scorers.attention_stats_triton import triton_head_sums
 
-    shapes = QK_SHAPES if mode == "full" else SMOKE_QK
-    lengths = [1024, 8192, 32768] if mode == "full" else [256]
+    sizes = SIZES[mode]
     tolerance = 1e-4
     seed = 0
-    for name in [s for s in ("8b", "70b", "tiny") if s in shapes]:
-        heads, kv, dim = shapes[name]
+    for name, (heads, kv, dim) in sizes["qk_shapes"].items():
         rep = heads // kv
-        for length in lengths:
-            ref_heads = heads if length <= 8192 else rep
-            cmp_heads = heads if length <= 8192 else max(8, rep)
+        for length in sizes["lengths"]:
+            ref_heads = heads if length <= sizes["all_heads_up_to"] else rep
+            cmp_heads = heads if length <= sizes["all_heads_up_to"] else max(8, rep)
             for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 for causal in (True, False):
                     for sink in (0, 4):
@@ -256,18 +273,18 @@ def part_throughput(mode: str, work: Path, rec: Recorder) -> None:
     """tokens/s of the Triton statistics (both attention modes), with the layer-0 q/k projection (random
     weights in the real shapes, fp16 as the paper configs), `blocked` on the same device, and SDPA's flash
     forward (causal) on the same q/k as the speed-of-light reference."""
-    shapes = {k: QK_SHAPES[k] for k in ("8b", "70b")} if mode == "full" else SMOKE_QK
-    length = 32768 if mode == "full" else 256
-    for name, (heads, kv, dim) in shapes.items():
-        _throughput_of(name, heads, kv, dim, length, 5 if mode == "full" else 1, rec)
+    sizes = SIZES[mode]
+    for name, (heads, kv, dim) in sizes["qk_shapes"].items():
+        _throughput_of(name, heads, kv, dim, sizes, rec)
 
 
-def _throughput_of(name: str, heads: int, kv: int, dim: int, length: int, reps: int, rec: Recorder) -> None:
+def _throughput_of(name: str, heads: int, kv: int, dim: int, sizes: dict, rec: Recorder) -> None:
     import torch
 
     from selection.scorers.attention_stats import blocked_head_sums, default_min_distance
     from selection.scorers.attention_stats_triton import triton_head_sums
 
+    length, reps = sizes["throughput_length"], sizes["reps"]
     dist = default_min_distance(length)
     dtype = torch.float16
     q, k = _random_qk(heads, kv, dim, length, dtype, 1)
@@ -287,7 +304,7 @@ def _throughput_of(name: str, heads: int, kv: int, dim: int, length: int, reps: 
     row["sdpa_flash_causal"] = {**sdpa, "tokens_per_s": length / sdpa["seconds"]}
     row["triton_over_sdpa"] = row["triton_causal"]["seconds"] / sdpa["seconds"]
     rec.flush()
-    projection = _first_layer(name, heads, kv, dim, dtype)
+    projection = _first_layer(sizes["hidden"][name], sizes["vocab"], heads, kv, dim, dtype)
     ids = torch.randint(0, projection.embed.shape[0], (length,), device=device())
     for causal, mode_name in ((True, "causal"), (False, "non_causal")):
         whole = timed(lambda c=causal: triton_head_sums(*projection(ids), dist, causal=c), reps=reps)
@@ -307,15 +324,14 @@ def _sdpa_flash(q, k, reps: int) -> dict[str, float]:
         return timed(lambda: F.scaled_dot_product_attention(qf, kf, vf, is_causal=True), reps=reps)
 
 
-def _first_layer(name: str, heads: int, kv: int, dim: int, dtype):
-    """FirstLayerQK with random weights of the shape (Llama-3.1 8B / 70B layer 0, 128256-token vocabulary)."""
+def _first_layer(hidden: int, vocab: int, heads: int, kv: int, dim: int, dtype):
+    """FirstLayerQK with random weights of a layer-0 shape (Llama-3.1 8B / 70B: width 4096 / 8192, a
+    128,256-token vocabulary) and the authors' RoPE base."""
     import torch
     from transformers import LlamaConfig
 
     from selection.scorers.first_layer import FirstLayerQK, LayerZeroWeights
 
-    hidden = {"8b": 4096, "70b": 8192}.get(name, 64)
-    vocab = 128256 if name in ("8b", "70b") else 1000
     config = LlamaConfig(
         hidden_size=hidden,
         num_attention_heads=heads,

@@ -18,9 +18,42 @@ import sys
 import time
 from pathlib import Path
 
-from gpu_parts import LLAMA3_8B, ROOT, Recorder, on_gpu
+from gpu_parts import ROOT, Recorder, on_gpu
 
 SCORE_METHODS = ("longattn", "ladm", "prolong", "random")
+LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32}
+LLAMA3_8B.update(num_key_value_heads=8, vocab_size=128256, rope_theta=5e5)
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "head_dim": 16}
+TINY.update(num_key_value_heads=2, vocab_size=49152, rope_theta=5e5)
+# Sizes only differ between the device and the CPU smoke run: the configs and stages are the same.
+SIZES = {
+    "full": {
+        "scorer": "smollm2_shaped",  # random weights, SmolLM2-135M's shape and tokenizer
+        "score_window": 8192,
+        "score_windows_per_domain": 8,
+        "train_model": LLAMA3_8B,
+        "train_layers": 4,
+        "train_seq": 32768,
+        "bench_step": ("8b", 4, 32768, 2),
+        "bench_attn": ("sdpa", "flex_attention"),
+        "eval_lengths": [8192, 16384, 32768],
+        "eval_suites": "[niah,ruler]",
+        "num_proc": 8,
+    },
+    "smoke": {
+        "scorer": "tiny_llama",
+        "score_window": 2560,  # the paper geometry's smallest: LADM needs 128 + 4 * 512 + 128 tokens
+        "score_windows_per_domain": 2,
+        "train_model": TINY,
+        "train_layers": 2,
+        "train_seq": 512,
+        "bench_step": ("tiny", None, 256, 1),
+        "bench_attn": ("sdpa",),  # FlexAttention has no CPU backward
+        "eval_lengths": [256, 512],
+        "eval_suites": "[niah]",  # RULER's generators cost ~20 s and 1 GB to import: the device runs them
+        "num_proc": 1,
+    },
+}
 
 
 def compose(work: Path, overrides: list[str]):
@@ -61,9 +94,11 @@ def _save_random(out: Path, config, dtype) -> str:
     return str(out)
 
 
-def smollm2_shaped(work: Path, mode: str) -> str:
-    if mode == "smoke":
-        return "tiny_llama"
+def scorer_model(work: Path, mode: str) -> str:
+    return smollm2_shaped(work) if SIZES[mode]["scorer"] == "smollm2_shaped" else SIZES[mode]["scorer"]
+
+
+def smollm2_shaped(work: Path) -> str:
     import torch
     from transformers import AutoConfig
 
@@ -73,14 +108,21 @@ def smollm2_shaped(work: Path, mode: str) -> str:
     return _save_random(work / "smollm2_random", config, torch.float32)
 
 
-def llama8b_shaped(work: Path, layers: int) -> str:
+def train_model(work: Path, mode: str) -> str:
+    """A Llama-3-8B-shaped model (full: its width and 128,256-token vocabulary; smoke: tiny) with few
+    layers, random bf16 weights and SmolLM2's tokenizer, whose ids are a subset of the vocabulary."""
     import torch
     from transformers import LlamaConfig
 
+    sizes = SIZES[mode]
     config = LlamaConfig(
-        **LLAMA3_8B, num_hidden_layers=layers, max_position_embeddings=32768, bos_token_id=1, eos_token_id=2
+        **sizes["train_model"],
+        num_hidden_layers=sizes["train_layers"],
+        max_position_embeddings=sizes["train_seq"],
+        bos_token_id=1,
+        eos_token_id=2,
     )
-    return _save_random(work / f"llama8b_{layers}layers_random", config, torch.bfloat16)
+    return _save_random(work / f"llama_{mode}_{sizes['train_layers']}layers_random", config, torch.bfloat16)
 
 
 # ---- 5. the score stage end to end ----------------------------------------------------------------
@@ -91,15 +133,15 @@ def part_score_e2e(mode: str, work: Path, rec: Recorder) -> None:
     the members share the prepare artifact), windows/s per method from the score manifests."""
     import pyarrow.parquet as pq
 
-    model = smollm2_shaped(work, mode)
+    sizes = SIZES[mode]
+    model = scorer_model(work, mode)
     root = work / "score_e2e"
     args = ["-m", "logger=none", f"paths.root_dir={root}", f"hydra.sweep.dir={root}/multirun"]
     args += ["stages=[prepare,score]", f"selection={','.join(SCORE_METHODS)}"]
-    if mode == "full":  # the paper geometry (no demo_scale) at 8K windows
-        args += ["~experiment", f"model.name_or_path={model}", f"selection.scorer_model.name_or_path={model}"]
-        args += ["data.window_size=8192", "data.max_windows_per_domain=8", "data.num_proc=8"]
-    else:
-        args += ["debug=tiny", "data.max_windows_per_domain=3"]
+    # the paper geometry: no experiment, so no demo_scale (LADM chunks of 128, ProLong 128 / 500 pairs)
+    args += ["~experiment", f"model.name_or_path={model}", f"selection.scorer_model.name_or_path={model}"]
+    args += [f"data.window_size={sizes['score_window']}", f"data.num_proc={sizes['num_proc']}"]
+    args += [f"data.max_windows_per_domain={sizes['score_windows_per_domain']}"]
     began = time.perf_counter()
     done = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT)
     rec.set("run", {"returncode": done.returncode, "seconds": time.perf_counter() - began, "args": args})
@@ -128,25 +170,27 @@ def part_score_e2e(mode: str, work: Path, rec: Recorder) -> None:
 
 
 def _train_overrides(mode: str, work: Path) -> list[str]:
-    stages = ["stages=[prepare,select,train]", "selection=all", "training.log_every=1"]
-    if mode == "smoke":
-        return ["debug=tiny", *stages, "training.max_steps=2"]
-    model = llama8b_shaped(work, layers=4)
-    short = "training.short_sources={wiki: [{format: python_docs, options: {modules: []}}]}"
+    """cpt_32k as the paper runs it (bf16, ZeRO-2 here, dropout 0.1, chunked loss, activation checkpointing,
+    ABF), at seq_len `train_seq`: 3 steps of 2 sequences drawn half from long windows, half from packed
+    short documents (pydoc's topics, as the demo's wiki)."""
+    seq = SIZES[mode]["train_seq"]
     return [
         "~experiment",
         "training=cpt_32k",
-        *stages,
-        f"model.name_or_path={model}",
+        "stages=[prepare,select,train]",
+        "selection=all",
+        f"model.name_or_path={train_model(work, mode)}",
         "data.sources=[{domain: code, format: python_code}]",
-        "data.window_size=32768",
+        f"data.window_size={seq}",
         "data.max_windows_per_domain=4",
-        "data.num_proc=8",
+        f"data.num_proc={SIZES[mode]['num_proc']}",
         "selection.mixture.long_share=0.5",
         "selection.mixture.short={wiki: 0.5, github: 0.0, web: 0.0}",
-        short,
-        "training.budget_tokens=196608",  # 3 steps of 2 sequences: 1 long window or 1 packed pool row each
-        "training.global_batch_tokens=65536",
+        "training.short_sources.wiki=[{format: python_docs, options: {modules: []}}]",
+        f"training.seq_len={seq}",
+        f"training.budget_tokens={6 * seq}",
+        f"training.global_batch_tokens={2 * seq}",
+        "training.log_every=1",
         "training.num_gpus=1",
         "training.deepspeed=zero2",
         "training.save_every=1000",
@@ -184,11 +228,9 @@ def part_train_step(mode: str, work: Path, rec: Recorder) -> None:
     if not records or not all(math.isfinite(r["loss"]) for r in records):
         rec.fail(f"train stage: losses {[r.get('loss') for r in records]}")
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # tens of GB at this shape: free the disk
-    variants = ("sdpa", "flex_attention") if mode == "full" else ("sdpa",)
-    for attn in variants:
-        shape = ("8b", 4, 32768, 2) if mode == "full" else ("tiny", None, 256, 1)
+    for attn in SIZES[mode]["bench_attn"]:
         try:
-            rec.append("bench_step", measure_step(*shape, attn=attn))
+            rec.append("bench_step", measure_step(*SIZES[mode]["bench_step"], attn=attn))
         except Exception as exc:  # noqa: BLE001 - recorded; the next variant still runs
             rec.fail(f"bench_train step {attn}: {type(exc).__name__}: {str(exc)[:300]}")
 
@@ -203,17 +245,17 @@ def part_eval(mode: str, work: Path, rec: Recorder) -> None:
 
     from experiments.pipeline import run_pipeline
 
-    model = smollm2_shaped(work, mode)
+    sizes = SIZES[mode]
+    model = scorer_model(work, mode)
     began = time.perf_counter()  # one-time imports out of the first length's timing: lm-eval, and the
     import lm_eval.models.huggingface  # noqa: F401  word list RULER's generators build on import (~20 s)
 
-    if mode == "full":
+    if "ruler" in sizes["eval_suites"]:
         import lm_eval.tasks.ruler.prepare_niah  # noqa: F401
     rec.set("import_seconds", time.perf_counter() - began)
-    lengths = [8192, 16384, 32768] if mode == "full" else [256, 512]
-    for length in lengths:
+    for length in sizes["eval_lengths"]:
         overrides = [
-            "~experiment" if mode == "full" else "debug=tiny",
+            "~experiment",
             "stages=[evaluate]",
             f"evaluation.model={model}",
             f"evaluation.max_length={length}",
@@ -222,7 +264,7 @@ def part_eval(mode: str, work: Path, rec: Recorder) -> None:
             f"evaluation.ruler.lengths=[{length}]",
             "evaluation.ruler.tasks=[niah_single_1,ruler_vt]",
             "evaluation.ruler.samples=1",
-            "evaluation.suites=[niah,ruler]" if mode == "full" else "evaluation.suites=[niah]",
+            f"evaluation.suites={sizes['eval_suites']}",
         ]
         if on_gpu():
             torch.cuda.reset_peak_memory_stats()

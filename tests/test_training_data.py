@@ -109,6 +109,21 @@ def test_short_source_missing_from_training_config_names_the_key(make_cfg):
         short_specs(conf, "web", 0.04)
 
 
+def test_a_short_source_the_mixture_never_draws_need_not_exist(make_cfg, tmp_path):
+    """cpt_32k lists wiki, github and web; with github and web at share 0 only wiki's files are read."""
+    from common.corpus import CorpusError
+    from training.train import fingerprint_extras
+
+    wiki = tmp_path / "wiki.jsonl"
+    wiki.write_text('{"text": "a short page"}\n')
+    sources = ["training=cpt_32k", f"training.short_sources.wiki=[{{path: '{wiki}'}}]"]  # github, web: absent
+    unused = make_cfg(*sources, "selection.mixture.short={wiki: 0.1, github: 0.0, web: 0.0}")
+    assert list(fingerprint_extras(unused)) == ["wiki"]
+    drawn = make_cfg(*sources, "selection.mixture.short={wiki: 0.05, github: 0.05, web: 0.0}")
+    with pytest.raises(CorpusError, match="short/github: matches no file"):
+        fingerprint_extras(drawn)
+
+
 def test_training_config_rejects_unknown_keys_and_bad_values(make_cfg):
     with pytest.raises(ValueError, match="unknown key"):
         TrainConfig.from_cfg(make_cfg("+training.learning_rate=1"))

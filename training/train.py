@@ -56,12 +56,22 @@ def short_specs(conf: TrainConfig, name: str, share: float) -> list[SourceSpec]:
     return specs
 
 
+def drawn_short_sources(cfg: DictConfig) -> set[str]:
+    """The short sources the mixture draws from (share > 0 in `selection.mixture.short`)."""
+    shares = OmegaConf.select(cfg, "selection.mixture.short", default=None) or {}
+    return {name for name, share in shares.items() if share and float(share) > 0}
+
+
 def fingerprint_extras(cfg: DictConfig) -> dict[str, Any]:
-    """Sizes and mtimes of the short sources' files (their content decides the packed sequences)."""
+    """Sizes and mtimes of the drawn short sources' files (their content decides the packed sequences).
+    A source with share 0 is never read, so its files need not exist (cpt_32k lists wiki, github and web;
+    a run with github and web at 0 has only wiki's data)."""
     conf = TrainConfig.from_cfg(cfg)
+    drawn = drawn_short_sources(cfg)
     return {
         name: [source_signature(SourceSpec(domain=name, **e)) for e in entries]
         for name, entries in sorted(conf.short_sources.items())
+        if name in drawn
     }
 
 
