@@ -119,10 +119,15 @@ def unknown_holder() -> OwnerRecord:
     return OwnerRecord(claimant="", run_dir="?", host="?", boot="", pid=0, token="")
 
 
-def read_record(path: Path) -> OwnerRecord | None:
+def read_record(path: Path, strict: bool = False) -> OwnerRecord | None:
+    """The record at `path`; None when there is none (or, unless `strict`, when it cannot be read)."""
     try:
         return OwnerRecord(**json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError, TypeError):
+        if strict:
+            raise
         return None
 
 

@@ -69,12 +69,8 @@ class Claim:
     """This run's claim on one directory: `try_acquire` until it returns None, produce, `release`."""
 
     def __init__(self, directory: Path, claimant: str, run_dir: str, settings: ClaimSettings) -> None:
-        self.directory, self.claimant, self.run_dir, self.settings = (
-            Path(directory),
-            claimant,
-            run_dir,
-            settings,
-        )
+        self.directory, self.settings = Path(directory), settings
+        self.claimant, self.run_dir = claimant, run_dir
         self.record: OwnerRecord | None = None
         self.took_over: tuple[OwnerRecord, str] | None = None
         """The gone holder this run took the claim from, and why it counted as gone."""
@@ -83,6 +79,7 @@ class Claim:
         self._lock: FileLock | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._warned_no_flock = False
 
     @property
     def record_path(self) -> Path:
@@ -98,9 +95,11 @@ class Claim:
         except OSError as exc:
             if exc.errno != errno.ENOSYS:
                 raise
-            log.warning(
-                "no flock on %s's filesystem: the heartbeat rule alone decides claims", self.directory
-            )
+            if not self._warned_no_flock:
+                log.warning(
+                    "no flock on the filesystem of %s: the heartbeat rule alone decides", self.directory
+                )
+                self._warned_no_flock = True
             return True, None
         return True, lock
 
@@ -135,17 +134,22 @@ class Claim:
         return None
 
     def _beat(self) -> None:
+        """Refresh the record until released; stop, marking the claim lost, once another run's record is
+        there (or ours has been gone for two beats: a takeover moves it aside before publishing its own)."""
+        missing = 0
         while not self._stop.wait(self.settings.heartbeat_s):
             assert self.record is not None
-            current = read_record(self.record_path)
-            if current is None or current.token != self.record.token:
-                self.lost = current.describe() if current else "nobody (the owner record was removed)"
-                log.error("claim on %s lost: it is now held by %s", self.directory, self.lost)
-                return
-            self.record.heartbeat, self.record.beats = time.time(), self.record.beats + 1
             try:
-                atomic_write_json(self.record_path, asdict(self.record))
-            except OSError as exc:  # a transient filesystem error: the next beat tries again
+                current = read_record(self.record_path, strict=True)
+                missing = missing + 1 if current is None else 0
+                if (current is not None and current.token != self.record.token) or missing >= 2:
+                    self.lost = current.describe() if current else "nobody (the owner record was removed)"
+                    log.error("claim on %s lost: it is now held by %s", self.directory, self.lost)
+                    return
+                if current is not None:
+                    self.record.heartbeat, self.record.beats = time.time(), self.record.beats + 1
+                    atomic_write_json(self.record_path, asdict(self.record))
+            except (OSError, ValueError) as exc:  # a transient filesystem error: the next beat tries again
                 log.warning("claim heartbeat on %s failed: %s", self.directory, exc)
 
     def check(self) -> None:

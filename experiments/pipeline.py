@@ -105,7 +105,7 @@ def run_stage(
                 "produced_by": claim.record.producer() if claim.record else None,
             }
         )
-    tracker.log_metrics(flatten_numbers(manifest, name))
+    tracker.log_metrics(flatten_numbers({k: v for k, v in manifest.items() if k != "produced_by"}, name))
     return manifest
 
 
