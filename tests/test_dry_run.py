@@ -68,7 +68,7 @@ def half_finished(make_cfg, monkeypatch):
     return cfg, artifact_for(Path(cfg.paths.artifacts_dir), "score", fps["score"]).path
 
 
-def test_dry_run_states_of_a_half_finished_directory(half_finished):
+def test_dry_run_states_of_a_half_finished_directory(half_finished, make_cfg, tmp_path):
     cfg, score_dir = half_finished
     plans = {p.stage: p for p in plan_stages(cfg)}
     assert [plans[s].state for s in ("prepare", "score", "select", "train", "evaluate_base")] == [
@@ -83,6 +83,13 @@ def test_dry_run_states_of_a_half_finished_directory(half_finished):
     assert plans["select"].detail.startswith("20 windows")
     assert plans["train"].detail.startswith("4 steps")  # 8,192 tokens at 2,048 per step
     assert plans["evaluate_base"].detail.startswith("2 suites; niah, ruler")
+    empty = {
+        p.stage: p for p in plan_stages(make_cfg(*ARGS, "stages=[select,train]", root=tmp_path / "empty"))
+    }
+    assert empty["select"].state == empty["train"].state == "blocked"
+    assert (
+        empty["select"].detail == "needs the prepare, score artifact, which is neither complete nor requested"
+    )
     dead = subprocess.Popen(["true"])
     dead.wait()  # a run of this host that has exited, leaving its claim
     record = OwnerRecord(claimant="dead-run", run_dir="/runs/dead", pid=dead.pid)
