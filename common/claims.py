@@ -252,7 +252,7 @@ def join_claim(
         record = read_record(path)
         if record is not None and record.claimant == claimant:
             return True
-        time.sleep(settings.poll_s)
+        time.sleep(min(0.25, settings.poll_s))  # one small read: rank 0 publishes at once
     return False
 
 
