@@ -19,6 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from common.artifacts import artifact_for
+from common.claim_records import ClaimSettings
 from common.claims import describe_producer, inspect_claim
 from common.errors import UserError
 from common.stage import Progress
@@ -65,8 +66,15 @@ def probe(name: str, cfg: DictConfig, path: Path, inputs: dict[str, Path]) -> Pr
         return f"size unknown: {exc}"
 
 
-def _pending(name: str, cfg: DictConfig, path: Path, inputs: dict[str, Path], member: str | None, settings):
-    """The state of a stage whose artifact is not complete."""
+def _pending(
+    name: str,
+    cfg: DictConfig,
+    path: Path,
+    inputs: dict[str, Path],
+    member: str | None,
+    settings: ClaimSettings,
+) -> tuple[str, str]:
+    """(state, detail) of a stage whose artifact is not complete: claimed, partial or to run."""
     claim = inspect_claim(path, settings)
     progress = probe(name, cfg, path, inputs)
     done = progress.describe() if isinstance(progress, Progress) else (progress or "")

@@ -14,6 +14,8 @@ from omegaconf import DictConfig
 
 from common.atomic import atomic_write_json
 from common.stage import Progress
+from training.config import TrainConfig
+from training.schedule import plan_steps
 
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_FILE = "complete.json"
@@ -70,9 +72,6 @@ def prune(root: Path, keep: int) -> list[int]:
 
 def progress(cfg: DictConfig, out_dir: Path, inputs: dict[str, Path]) -> Progress:
     """Steps up to the latest complete checkpoint (a killed run resumes there) of the planned steps."""
-    from training.config import TrainConfig
-    from training.schedule import plan_steps
-
     conf = TrainConfig.from_cfg(cfg)
     world = conf.num_gpus * conf.num_nodes
     steps = plan_steps(
