@@ -156,10 +156,13 @@ class Staleness:
 def gone_reason(
     record: OwnerRecord, settings: ClaimSettings, lock_free: bool, watch: Staleness
 ) -> str | None:
-    """Why `record`'s holder no longer holds its claim, or None while it may. `lock_free`: we hold the lock."""
-    if record.on_this_host() and not pid_alive(record.pid):
-        return "its process has exited"
-    if lock_free and settings.trust_lock:
+    """Why `record`'s holder no longer holds its claim, or None while it may. `lock_free`: we hold the lock.
+    On the holder's own host its pid decides (alive with a free lock: the lock file was replaced, or the pid
+    was reused; then only the heartbeat rule frees it); elsewhere a free lock does (claim_trust_lock)."""
+    if record.on_this_host():
+        if not pid_alive(record.pid):
+            return "its process has exited"
+    elif lock_free and settings.trust_lock:
         return "its lock was released, so its process has ended"
     age = max(time.time() - record.heartbeat, watch.unchanged_for(record))
     if age > settings.stale_s:

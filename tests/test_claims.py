@@ -192,3 +192,26 @@ def test_claim_keys_are_checked_and_never_enter_a_fingerprint(make_cfg):
     bad = make_cfg("debug=tiny", "stages=[prepare]", "pipeline.claim_heartbeat_s=200")
     with pytest.raises(ConfigError, match="pipeline.claim_heartbeat_s=200 and pipeline.claim_stale_s=180"):
         run_pipeline(bad)
+
+
+def test_without_flock_the_owner_record_alone_excludes(tmp_path, monkeypatch, caplog):
+    """A filesystem without flock (ENOSYS, Lustre's default): no lock, the published record decides."""
+    import errno
+
+    import common.claims
+
+    class NoFlock:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def acquire(self, *args, **kwargs):
+            raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(common.claims, "FileLock", NoFlock)
+    holder = Claim(tmp_path / "art", "run-a", "/runs/a", FAST)
+    assert holder.try_acquire(Staleness()) is None and "the heartbeat rule alone decides" in caplog.text
+    other = Claim(tmp_path / "art", "run-b", "/runs/b", FAST)
+    assert other.try_acquire(Staleness()).token == holder.record.token  # alive, beating: claimed
+    holder.release()
+    assert other.try_acquire(Staleness()) is None
+    other.release()
