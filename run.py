@@ -11,6 +11,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from common.errors import USER_ERROR_EXIT_CODE, UserError
+from experiments.dry_run import dry_run_report
 from experiments.launch import (
     Launch,
     check_devices,
@@ -40,6 +41,11 @@ def main(cfg: DictConfig) -> float | None:
 def run(cfg: DictConfig) -> float | None:
     train = cfg.training
     hydra_cfg = HydraConfig.get()
+    if cfg.pipeline.dry_run:  # before any launch: it runs nothing, writes nothing
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        member = f"member #{hydra_cfg.job.num}" if multirun else None  # Hydra logs each member's overrides
+        print(dry_run_report(cfg, member), flush=True)
+        return None
     os.environ.update(process_environment(cfg))  # before anything initialises CUDA (cuBLAS reads it once)
     if needs_launch(train.num_gpus, train.num_nodes, list(cfg.stages), os.environ):
         launch = Launch(train.launcher, train.num_gpus, train.num_nodes, train.get("hostfile"))

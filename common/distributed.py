@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 
@@ -29,6 +29,12 @@ def rank_info() -> RankInfo:
         world_size=int(os.environ.get("WORLD_SIZE", 1)),
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
     )
+
+
+def launch_id(env: Mapping[str, str] = os.environ) -> str:
+    """Identifies one launch of all ranks: the same on each of its ranks, different for a later launch (so a
+    later launch ignores an earlier one's markers, and other runs never share its claims)."""
+    return env.get("TORCHELASTIC_RUN_ID") or env.get("SLURM_JOB_ID") or env.get("MASTER_PORT", "local")
 
 
 def wait_until(

@@ -32,3 +32,28 @@ class StageContext:
     cache_dir: Path
     """Shared download/conversion cache (embedded models)."""
     tracker: Tracker = field(default_factory=Tracker)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How much of a stage's work its artifact directory holds, read without writing (the dry run's
+    report): `done` finished units of `total` (None: not known before an upstream stage has run)."""
+
+    done: int
+    total: int | None
+    unit: str
+    """What is counted, plural: "windows", "steps", "suites"."""
+    verb: str
+    """What finished units are: "scored", "checkpointed", "done"."""
+    detail: str = ""
+    """More about the size of the work: records read, input bytes, the scorer."""
+
+    def describe(self) -> str:
+        """Progress so far, e.g. "8 of 20 windows scored (longattn, scorer tiny_llama)"."""
+        count = f"{self.done:,} of {self.total:,}" if self.total is not None else f"{self.done:,}"
+        return f"{count} {self.unit} {self.verb}" + (f" ({self.detail})" if self.detail else "")
+
+    def size(self) -> str:
+        """The work, e.g. "20 windows; longattn, scorer tiny_llama"."""
+        work = f"{self.total:,} {self.unit}" if self.total is not None else ""
+        return "; ".join(x for x in (work, self.detail) if x)

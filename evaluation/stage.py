@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from common.atomic import atomic_write_json
 from common.errors import ConfigError
 from common.model_sources import load_tokenizer, resolve_model_path
-from common.stage import StageContext
+from common.stage import Progress, StageContext
 from evaluation.backend import load_lm
 from evaluation.suites import SUITES, SuiteContext, task_manager
 
@@ -274,3 +274,10 @@ def run_base(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
 def stage_inputs(cfg: DictConfig) -> tuple[str, ...]:
     """Evaluate reads the train artifact only when it evaluates the trained model."""
     return () if cfg.evaluation.get("model") else ("train",)
+
+
+def progress(cfg: DictConfig, out_dir: Path, inputs: dict[str, Path]) -> Progress:
+    """Suites with a finished record (a killed evaluation resumes after them) of the configured suites."""
+    suites = list(cfg.evaluation.suites)
+    done = [name for name in suites if (out_dir / SUITE_RECORDS_DIR / f"{name}.json").is_file()]
+    return Progress(len(done), len(suites), "suites", "done", ", ".join(suites))

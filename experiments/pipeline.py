@@ -13,6 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from common.accelerator import release_accelerator_memory
 from common.artifacts import Artifact, artifact_for
 from common.atomic import atomic_write_json
+from common.claim_records import ClaimSettings
+from common.claims import describe_producer, stage_claim
 from common.distributed import rank_info, wait_until
 from common.errors import MissingInputError
 from common.stage import StageContext
@@ -66,40 +68,63 @@ def run_stage(
     """Run one stage into its artifact directory, or reuse it if its manifest says it is complete."""
     spec = STAGES[name]
     if art.is_complete():
-        log.info("%s: reused artifact %s (fingerprint %s); nothing to do", name, art.path, art.fingerprint)
-        return art.read_manifest()
+        manifest = art.read_manifest()
+        log.info(
+            "%s: reused artifact %s (fingerprint %s, produced by %s); nothing to do",
+            *(name, art.path, art.fingerprint, describe_producer(manifest)),
+        )
+        return manifest
     ranks = rank_info()
     if not ranks.is_main and not spec.distributed:
         log.info("%s: rank %d waits for rank 0 to write %s", name, ranks.rank, art.path)
         wait_until(art.is_complete, f"rank 0 to complete {art.path}")
         return art.read_manifest()
-    art.path.mkdir(parents=True, exist_ok=True)
-    log.info("%s: running into %s", name, art.path)
-    ctx = StageContext(out_dir=art.path, inputs=inputs, cache_dir=Path(cfg.paths.cache_dir), tracker=tracker)
-    started = time.time()
-    manifest = spec.run(cfg, ctx)
-    if manifest is None:  # a non-zero rank of a distributed stage: rank 0 merges and writes the manifest
-        wait_until(art.is_complete, f"rank 0 to merge {art.path}")
-        return art.read_manifest()
-    manifest = art.write_manifest(
-        {
-            **manifest,
-            "seconds": round(time.time() - started, 3),
-            "inputs": {k: str(v.path) for k, v in inputs.items()},
-            "config": spec.resolved_config(cfg),
-            "versions": stack_versions(),
-        }
-    )
-    tracker.log_metrics(flatten_numbers(manifest, name))
+    run_dir = str(Path(cfg.paths.output_dir).expanduser().resolve())
+    claim = stage_claim(art.path, run_dir, claim_settings(cfg), art.is_complete, f"{name} {art.path}")
+    if claim is None:  # another run held the claim and completed the artifact while this one waited
+        manifest = art.read_manifest()
+        log.info("%s: reused artifact %s, produced by %s", name, art.path, describe_producer(manifest))
+        return manifest
+    with claim:
+        log.info("%s: running into %s", name, art.path)
+        ctx = StageContext(
+            out_dir=art.path, inputs=inputs, cache_dir=Path(cfg.paths.cache_dir), tracker=tracker
+        )
+        started = time.time()
+        manifest = spec.run(cfg, ctx)
+        if manifest is None:  # a non-zero rank of a distributed stage: rank 0 merges and writes the manifest
+            wait_until(art.is_complete, f"rank 0 to merge {art.path}")
+            return art.read_manifest()
+        claim.check()  # a run that lost its claim leaves the artifact to the one that took it over
+        manifest = art.write_manifest(
+            {
+                **manifest,
+                "seconds": round(time.time() - started, 3),
+                "inputs": {k: str(v.path) for k, v in inputs.items()},
+                "config": spec.resolved_config(cfg),
+                "versions": stack_versions(),
+                "produced_by": claim.record.producer() if claim.record else None,
+            }
+        )
+    tracker.log_metrics(flatten_numbers({k: v for k, v in manifest.items() if k != "produced_by"}, name))
     return manifest
 
 
+def claim_settings(cfg: DictConfig) -> ClaimSettings:
+    """The `pipeline` group's claim keys (they decide how runs share stages, never what a stage writes)."""
+    node = cfg.get("pipeline")
+    return ClaimSettings.from_mapping(
+        OmegaConf.to_container(node, resolve=True) if node is not None else None
+    )
+
+
 def preflight(cfg: DictConfig) -> dict[str, str]:
-    """What can be checked before any stage runs: the stage names, every requested stage's config, and
-    the fingerprints, which read the inputs' signatures (a data source that matches no file fails here).
-    run.py calls it once before starting a multi-process job, so a typo gives one line, not one per rank.
-    Returns the fingerprints of the requested stages and their upstream."""
+    """What can be checked before any stage runs: the stage names, the pipeline keys, every requested
+    stage's config, and the fingerprints, which read the inputs' signatures (a data source that matches
+    no file fails here). run.py calls it once before starting a multi-process job, so a typo gives one
+    line, not one per rank. Returns the fingerprints of the requested stages and their upstream."""
     requested = validate_stages(list(cfg.stages))
+    claim_settings(cfg)  # a bad pipeline.* value fails now, not when a stage is reached
     for name in requested:  # every requested stage's config, before the first one runs
         STAGES[name].check_config(cfg)
     return stage_fingerprints(cfg, requested)

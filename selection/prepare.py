@@ -24,8 +24,8 @@ from common.atomic import atomic_write
 from common.corpus import CorpusError, CorpusStats, SourceSpec, check_bad_record_policy, source_signature
 from common.errors import ConfigError
 from common.model_sources import load_tokenizer
-from common.stage import StageContext
-from selection.prepare_parts import PARTS_DIR, PartSummary, plan_units, run_units
+from common.stage import Progress, StageContext
+from selection.prepare_parts import PARTS_DIR, PartSummary, parts_progress, plan_units, run_units
 from selection.windows import WINDOWINGS, document_window_starts, window_id
 
 log = logging.getLogger(__name__)
@@ -336,3 +336,17 @@ def summarize(done: list[tuple[str, PartSummary]], kept_domains: list[str], conf
         "per_domain": per_domain,
         **{k: v for k, v in stats.as_manifest().items() if k != "documents"},
     }
+
+
+def progress(cfg: DictConfig, out_dir: Path, inputs: dict[str, Path]) -> Progress:
+    """Finished chunks of the input (a killed prepare resumes after them) and the size of the input."""
+    conf = PrepareConfig.from_cfg(cfg)
+    units = plan_units(conf.sources)
+    chunks, records, windows, size = parts_progress(out_dir / PARTS_DIR, units)
+    cap = conf.max_windows_per_domain
+    detail = [f"{records:,} records read, {windows:,} windows found"] if chunks else []
+    detail.append(f"input: {len(units)} unit(s)" + (f", {size:,} bytes" if size is not None else ""))
+    detail.append(
+        f"windows of {conf.window_size:,} tokens" + (f", at most {cap:,} per domain" if cap else "")
+    )
+    return Progress(chunks, None, f"input chunks of {conf.part_records:,} records", "done", "; ".join(detail))

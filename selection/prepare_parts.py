@@ -216,3 +216,15 @@ class Peekable(Iterator):
             except StopIteration:
                 return False
         return True
+
+
+def parts_progress(parts_dir: Path, units: list[Unit]) -> tuple[int, int, int, int | None]:
+    """(finished chunks, their raw records, their windows, input bytes or None when not all are files),
+    read from the chunk markers alone: the dry run's view of a partial prepare."""
+    chunks = records = windows = 0
+    for marker in sorted(parts_dir.glob("*.json")) if parts_dir.is_dir() else []:
+        summary = read_marker(parts_dir, marker.stem)
+        if summary is not None:
+            chunks, records, windows = chunks + 1, records + summary.records, windows + summary.windows_found
+    sizes = [u.size for u in units]
+    return chunks, records, windows, sum(sizes) if all(s is not None for s in sizes) else None

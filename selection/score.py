@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from common.atomic import atomic_write, atomic_write_text
-from common.distributed import RankInfo, rank_info, wait_until
+from common.distributed import RankInfo, launch_id, rank_info, wait_until
 from common.errors import ConfigError, MissingInputError, UserError
 from common.model_sources import load_tokenizer
-from common.stage import StageContext
+from common.stage import Progress, StageContext
 from selection.scorers.registry import ScorerSetup, build_scorer, scorer_class, typed_options
 
 log = logging.getLogger(__name__)
@@ -254,15 +253,6 @@ def merge_parts(parts_dir: Path, expected_ids: list[str], out: Path) -> pa.Table
     return table
 
 
-def launch_id() -> str:
-    """Identifies one launch of all ranks, so stale .done markers of an earlier launch are ignored."""
-    return (
-        os.environ.get("TORCHELASTIC_RUN_ID")
-        or os.environ.get("SLURM_JOB_ID")
-        or os.environ.get("MASTER_PORT", "local")
-    )
-
-
 def rank_done(parts_dir: Path, rank: int, launch: str) -> bool:
     marker = parts_dir / f"rank-{rank:04d}.done"
     try:
@@ -280,7 +270,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any] | None:
         check_vocabulary(cfg, conf, ctx)
     started = time.monotonic()
     scored = score_my_windows(conf, ctx, ranks, parts_dir, cfg.model.name_or_path)
-    launch = launch_id()
+    launch = launch_id()  # a launch ignores .done markers of an earlier one
     atomic_write_text(
         parts_dir / f"rank-{ranks.rank:04d}.done", json.dumps({"scored": scored, "launch": launch})
     )
@@ -312,3 +302,15 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any] | None:
         "scored_this_run_rank0": scored,
         "score_seconds": round(time.monotonic() - started, 3),
     }
+
+
+def progress(cfg: DictConfig, out_dir: Path, inputs: dict[str, Path]) -> Progress:
+    """Windows already in part files (a killed score resumes after them) of the prepared windows."""
+    parts = sorted((out_dir / PARTS_DIR).glob("rank-*.parquet")) if (out_dir / PARTS_DIR).is_dir() else []
+    done = sum(pq.read_metadata(p).num_rows for p in parts)
+    manifest = Path(inputs["prepare"]) / "manifest.json"
+    total = json.loads(manifest.read_text())["windows"] if manifest.is_file() else None
+    scorer = f"{cfg.selection.method}, scorer {cfg.selection.scorer_model.name_or_path}"
+    return Progress(
+        done, total, "windows", "scored", scorer if total else f"{scorer}; windows known after prepare"
+    )

@@ -4,6 +4,7 @@ n_tokens`), the training mixture and the analysis."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from common.atomic import atomic_write, atomic_write_json, atomic_write_text
 from common.errors import ConfigError, MissingInputError
 from common.model_sources import load_tokenizer
 from common.registry import Registry
-from common.stage import StageContext
+from common.stage import Progress, StageContext
 from selection import analysis
 from selection.ranking import (
     NORMALIZATIONS,
@@ -251,3 +252,10 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
         "plots": plots,
         "mixture": mixture,
     }
+
+
+def progress(cfg: DictConfig, out_dir: Path, inputs: dict[str, Path]) -> Progress:
+    """Select is not resumable (it takes seconds): the size of its work is the prepared windows."""
+    manifest = Path(inputs["prepare"]) / "manifest.json"
+    total = json.loads(manifest.read_text())["windows"] if manifest.is_file() else None
+    return Progress(0, total, "windows", "selected", f"selection.method={cfg.selection.method}")

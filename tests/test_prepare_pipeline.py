@@ -251,7 +251,7 @@ def test_prepare_resumes_after_a_crash_with_the_same_artifact(make_cfg, tmp_path
     assert shards and shards == sorted(p.name for p in resumed_dir.glob("windows-*.parquet"))
     for name in shards:
         assert (whole_dir / name).read_bytes() == (resumed_dir / name).read_bytes()
-    timing = ("seconds", "completed_at", "inputs", "config")
+    timing = ("seconds", "completed_at", "inputs", "config", "produced_by")  # produced_by: run dir, start
     assert {k: v for k, v in whole.items() if k not in timing} == {
         k: v for k, v in resumed.items() if k not in timing
     }

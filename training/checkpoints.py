@@ -10,7 +10,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig
+
 from common.atomic import atomic_write_json
+from common.stage import Progress
+from training.config import TrainConfig
+from training.schedule import plan_steps
 
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_FILE = "complete.json"
@@ -63,3 +68,15 @@ def prune(root: Path, keep: int) -> list[int]:
     for step in sorted(doomed):
         shutil.rmtree(base / step_tag(step), ignore_errors=True)
     return sorted(doomed)
+
+
+def progress(cfg: DictConfig, out_dir: Path, inputs: dict[str, Path]) -> Progress:
+    """Steps up to the latest complete checkpoint (a killed run resumes there) of the planned steps."""
+    conf = TrainConfig.from_cfg(cfg)
+    world = conf.num_gpus * conf.num_nodes
+    steps = plan_steps(
+        conf.budget_tokens, conf.global_batch_tokens, conf.seq_len, conf.micro_batch, world
+    ).steps
+    total = min(steps, conf.max_steps) if conf.max_steps else steps
+    detail = f"{conf.global_batch_tokens:,} tokens per step on {world} rank(s)"
+    return Progress(latest_complete(out_dir) or 0, total, "steps", "checkpointed", detail)
