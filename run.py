@@ -11,7 +11,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from common.errors import USER_ERROR_EXIT_CODE, UserError
-from experiments.launch import Launch, needs_launch, relaunch
+from experiments.launch import job_launch, needs_launch, relaunch
 from experiments.pipeline import run_pipeline
 
 
@@ -30,11 +30,11 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def run(cfg: DictConfig) -> float | None:
-    train = cfg.training
     hydra_cfg = HydraConfig.get()
-    if needs_launch(train.num_gpus, train.num_nodes, list(cfg.stages), os.environ):
+    launch = job_launch(cfg.training, cfg.evaluation, list(cfg.stages))
+    if needs_launch(launch, os.environ):
         code = relaunch(
-            Launch(train.launcher, train.num_gpus, train.num_nodes, train.get("hostfile")),
+            launch,
             os.path.abspath(__file__),
             hydra_cfg.runtime.output_dir,
             list(hydra_cfg.overrides.task),

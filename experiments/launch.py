@@ -1,9 +1,11 @@
-"""Multi-process launch: `python run.py ... training.num_gpus=8` re-runs itself under torchrun or the
-deepspeed launcher, one process per GPU, all writing to the same run directory.
+"""Multi-process launch: `python run.py ... training.num_gpus=8` (or, without a train stage,
+`evaluation.num_gpus=8`) re-runs itself under torchrun or the deepspeed launcher, one process per GPU,
+all writing to the same run directory.
 
 The children get the job's own overrides (not a sweep's `-m` arguments) and LONGATTN_RUN_DIR, so every
 rank resolves the same Hydra run directory. Stages synchronise through the artifact directory: prepare
-and select run on rank 0 while the others wait, score shards windows by rank, train runs on every rank.
+and select run on rank 0 while the others wait, score shards windows by rank, train runs on every rank,
+evaluate shards each suite's prompts by rank (lm-eval's data parallelism) and writes on rank 0.
 
 Multi-node, the documented path: torchrun, ONE command per node (SLURM: one task per node), joined by a
 c10d rendezvous at MASTER_ADDR:MASTER_PORT; node ranks are assigned by the rendezvous. Every node needs
@@ -50,7 +52,7 @@ FORWARDED_ENV_PREFIXES = (
 
 @dataclass(frozen=True)
 class Launch:
-    """What `training.*` says about the processes to start."""
+    """What `training.*` (or `evaluation.num_gpus`) says about the processes to start."""
 
     launcher: str
     num_gpus: int
@@ -58,9 +60,35 @@ class Launch:
     hostfile: str | None = None
 
 
-def needs_launch(num_gpus: int, num_nodes: int, stages: Sequence[str], env: Mapping[str, str]) -> bool:
-    """More than one process is asked for, training is requested, and no launcher started us."""
-    return num_gpus * num_nodes > 1 and "train" in stages and "WORLD_SIZE" not in env
+EVALUATE_STAGES = ("evaluate", "evaluate_base")
+
+
+def job_launch(training: Mapping, evaluation: Mapping, stages: Sequence[str]) -> Launch:
+    """The processes one job runs all its stages on: training's when `train` is requested (evaluate then
+    uses every rank of it), else `evaluation.num_gpus` torchrun processes on this node when an evaluate
+    stage is, else one."""
+    eval_gpus = int(evaluation.get("num_gpus", 1))
+    if "train" in stages:
+        launch = Launch(training.launcher, training.num_gpus, training.num_nodes, training.get("hostfile"))
+        if (
+            eval_gpus > 1
+            and eval_gpus != launch.num_gpus * launch.num_nodes
+            and set(EVALUATE_STAGES) & set(stages)
+        ):
+            raise ConfigError(
+                f"evaluation.num_gpus={eval_gpus} with training.num_gpus={launch.num_gpus} x training.num_nodes="
+                f"{launch.num_nodes}: a job runs all its stages on the same processes, so evaluate uses "
+                "training's; leave evaluation.num_gpus=1 or evaluate in its own command (stages=[evaluate])"
+            )
+        return launch
+    if set(EVALUATE_STAGES) & set(stages):
+        return Launch("torchrun", eval_gpus)
+    return Launch("torchrun", 1)
+
+
+def needs_launch(launch: Launch, env: Mapping[str, str]) -> bool:
+    """More than one process is asked for and no launcher started us."""
+    return launch.num_gpus * launch.num_nodes > 1 and "WORLD_SIZE" not in env
 
 
 def rendezvous_id(env: Mapping[str, str]) -> str:
