@@ -196,8 +196,9 @@ def _longbench_rows(directory: Path) -> Path:
     """Four LongBench rows; the first two overflow a 1024-token window, one on each of two ranks
     (lm-eval deals the documents out in turn: 0 and 2 to rank 0, 1 and 3 to rank 1)."""
     directory.mkdir(parents=True, exist_ok=True)
-    long = {"context": "Paris is the capital of France. " * 200, "question": "What is the capital?"}
-    rows = [{**long, "answers": ["Paris"]}, {**long, "answers": ["France"]}]
+    long = {"context": "Paris is the capital of France. " * 200}
+    rows = [{**long, "question": "What is the capital?", "answers": ["Paris"]}]
+    rows += [{**long, "question": "Which country is it?", "answers": ["France"]}]
     rows += [{"context": "short context", "question": f"Say {w}", "answers": [w]} for w in ("hi", "yo")]
     (directory / "hotpotqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return directory
