@@ -13,8 +13,8 @@ from omegaconf import DictConfig, open_dict
 from common.errors import USER_ERROR_EXIT_CODE, UserError
 from experiments.dry_run import dry_run_report
 from experiments.launch import (
-    Launch,
     check_devices,
+    job_launch,
     needs_launch,
     process_environment,
     relaunch,
@@ -39,7 +39,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def run(cfg: DictConfig) -> float | None:
-    train = cfg.training
     hydra_cfg = HydraConfig.get()
     if cfg.pipeline.dry_run:  # before any launch: it runs nothing, writes nothing
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -47,9 +46,9 @@ def run(cfg: DictConfig) -> float | None:
         print(dry_run_report(cfg, member), flush=True)
         return None
     os.environ.update(process_environment(cfg))  # before anything initialises CUDA (cuBLAS reads it once)
-    if needs_launch(train.num_gpus, train.num_nodes, list(cfg.stages), os.environ):
-        launch = Launch(train.launcher, train.num_gpus, train.num_nodes, train.get("hostfile"))
-        check_devices(launch, str(train.device), visible_cuda_devices(), os.environ)
+    launch = job_launch(cfg.training, cfg.evaluation, list(cfg.stages))
+    if needs_launch(launch, os.environ):
+        check_devices(launch, visible_cuda_devices(), os.environ)
         preflight(cfg)  # config and inputs once here, not once per rank after the job started
         code = relaunch(
             launch, os.path.abspath(__file__), hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task)

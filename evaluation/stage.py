@@ -20,10 +20,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from common.atomic import atomic_write_json
+from common.distributed import rank_info
 from common.errors import ConfigError
 from common.model_sources import load_tokenizer, resolve_model_path
 from common.stage import Progress, StageContext
-from evaluation.backend import load_lm
+from evaluation import parallel
+from evaluation.backend import BackendConfig, load_lm
 from evaluation.suites import SUITES, SuiteContext, task_manager
 
 log = logging.getLogger(__name__)
@@ -88,9 +90,28 @@ def check_lengths(conf: dict[str, Any]) -> None:
             )
 
 
+def check_processes(conf: dict[str, Any], world_size: int) -> None:
+    """`evaluation.num_gpus` is a process count; vLLM runs in one process (its own data and tensor
+    parallelism start their workers), so it is refused under a multi-process launch."""
+    num_gpus = conf.get("num_gpus", 1)
+    if not isinstance(num_gpus, int) or isinstance(num_gpus, bool) or num_gpus < 1:
+        raise ConfigError(f"evaluation.num_gpus={num_gpus}: an integer >= 1")
+    backend = BackendConfig.from_conf(conf)
+    if backend.backend == "vllm" and max(world_size, num_gpus) > 1:
+        raise ConfigError(
+            f"evaluation.backend=vllm runs in one process (this job: {max(world_size, num_gpus)}): spread it "
+            "over GPUs with evaluation.data_parallel_size / tensor_parallel_size, and run the evaluate stage "
+            "in its own single-process command (stages=[evaluate], evaluation.num_gpus=1, no torchrun), or "
+            "use evaluation.backend=hf, which runs one model per rank"
+        )
+
+
 def check_config(cfg: DictConfig) -> None:
-    """Fail on an unknown suite or a length over `evaluation.max_length` before any stage runs."""
-    check_lengths(OmegaConf.to_container(cfg.evaluation, resolve=True))
+    """Fail on an unknown suite, a length over `evaluation.max_length`, a bad batch size or process
+    count before any stage runs."""
+    conf = OmegaConf.to_container(cfg.evaluation, resolve=True)
+    check_lengths(conf)
+    check_processes(conf, rank_info().world_size)
 
 
 def check_generation_budgets(tasks: dict[str, list[dict[str, Any]]], max_length: int) -> None:
@@ -107,11 +128,13 @@ def check_generation_budgets(tasks: dict[str, list[dict[str, Any]]], max_length:
 
 
 def protocol(record: dict[str, Any]) -> dict[str, Any]:
-    """What a suite measured, for the report: samples per task, shots per task, prompts truncated."""
+    """What a suite measured, for the report: samples per task, shots per task, prompts truncated, and
+    per rank the prompts generated and truncated (a record from before ranks were kept has none)."""
     return {
         "samples": record.get("samples", {}),
         "num_fewshot": record.get("num_fewshot", {}),
         "truncated_prompts": record["truncated_prompts"],
+        "ranks": record.get("ranks"),
     }
 
 
@@ -132,19 +155,13 @@ def _suite_contexts(conf: dict[str, Any], model: str, ctx: StageContext) -> dict
 
 
 def _load(model: str, ctx: StageContext, conf: dict[str, Any]) -> Any:
-    return load_lm(
-        model,
-        ctx.cache_dir,
-        conf.get("backend", "hf"),
-        int(conf["max_length"]),
-        int(conf.get("batch_size", 1)),
-        conf.get("device", "auto"),
-        conf.get("dtype", "auto"),
-        int(conf.get("tensor_parallel_size", 1)),
-    )
+    return load_lm(model, ctx.cache_dir, BackendConfig.from_conf(conf))
 
 
-def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
+def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any] | None:
+    """Every rank runs it (the HF backend under a multi-process launch: lm-eval shards each suite's
+    requests over the ranks and gathers them on rank 0); rank 0 writes the records and results and
+    returns the manifest, the other ranks return None."""
     conf = OmegaConf.to_container(cfg.evaluation, resolve=True)
     suites = list(conf["suites"])
     check_lengths(conf)
@@ -152,41 +169,49 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     contexts = _suite_contexts(conf, model, ctx)
     tasks = {name: SUITES.get(name).tasks(contexts[name]) for name in suites}  # data checks before loading
     check_generation_budgets(tasks, int(conf["max_length"]))
+    main = rank_info().is_main
+    records: dict[str, dict[str, Any]] = {}
+    lm = None
+    for name in suites:
+        # the same answer on every rank: a record is written only after every rank has finished the suite
+        record_path = ctx.out_dir / SUITE_RECORDS_DIR / f"{name}.json"
+        if record_path.is_file():  # finished before an interruption
+            log.info("evaluate: suite %s already complete (%s); reused", name, record_path)
+            records[name] = json.loads(record_path.read_text(encoding="utf-8"))
+            continue
+        if lm is None:
+            lm = _load(model, ctx, conf)
+        record = _run_suite(name, tasks[name], contexts[name], lm, model, ctx.out_dir, conf)
+        if record is not None:  # rank 0: the suite over every rank's prompts
+            atomic_write_json(record_path, record)
+            records[name] = record
+    if not main:
+        return None
+    return _write_results(ctx, model, conf, records)
+
+
+def _write_results(
+    ctx: StageContext, model: str, conf: dict[str, Any], records: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     import lm_eval
 
     summary: dict[str, Any] = {
         "model": model,
         "lm_eval_version": lm_eval.__version__,
         "max_length": int(conf["max_length"]),
-        "suites": {},
-        "protocol": {},
+        "suites": {name: record["summary"] for name, record in records.items()},
+        "protocol": {name: protocol(record) for name, record in records.items()},
     }
-    scores: dict[str, dict[str, float]] = {}
-    configs: dict[str, Any] = {}
-    truncated = 0
-    lm = None
-    for name in suites:
-        record_path = ctx.out_dir / SUITE_RECORDS_DIR / f"{name}.json"
-        if record_path.is_file():  # finished before an interruption
-            log.info("evaluate: suite %s already complete (%s); reused", name, record_path)
-            record = json.loads(record_path.read_text(encoding="utf-8"))
-        else:
-            if lm is None:
-                lm = _load(model, ctx, conf)
-            record = _run_suite(name, tasks[name], contexts[name], lm, model, ctx.out_dir, conf)
-            atomic_write_json(record_path, record)
-        scores[name] = record["scores"]
-        summary["suites"][name] = record["summary"]
-        summary["protocol"][name] = protocol(record)
-        configs[name] = record["configs"]
-        truncated += record["truncated_prompts"]
+    scores = {name: record["scores"] for name, record in records.items()}
+    truncated = sum(record["truncated_prompts"] for record in records.values())
+    for name in records:
         ctx.tracker.log_metrics({f"evaluate/{name}/{k}": v for k, v in scores[name].items()})
-    atomic_write_json(ctx.out_dir / "task_configs.json", configs)
+    atomic_write_json(ctx.out_dir / "task_configs.json", {n: r["configs"] for n, r in records.items()})
     atomic_write_json(
         ctx.out_dir / RESULTS_FILE, {"scores": scores, **summary, "truncated_prompts": truncated}
     )
     shutil.rmtree(ctx.out_dir / REQUEST_CACHE_DIR, ignore_errors=True)  # every suite has its record now
-    return {**summary, "scores": scores, "truncated_prompts": truncated}
+    return {**summary, "scores": scores, "truncated_prompts": truncated, "world_size": rank_info().world_size}
 
 
 def _run_suite(
@@ -197,17 +222,21 @@ def _run_suite(
     model: str,
     out_dir: Path,
     conf: dict[str, Any],
-) -> dict[str, Any]:
-    """One suite through lm-eval. Every response goes to a per-suite SQLite request cache as it is
-    generated (lm-eval's CachingLM), so a run interrupted mid-suite replays what it had and generates
-    only the rest; the suite's record is written by the caller once it is complete."""
+) -> dict[str, Any] | None:
+    """One suite through lm-eval, on every rank; the suite's record on rank 0, None on the others. Every
+    response goes to the rank's SQLite request cache as it is generated (lm-eval's CachingLM,
+    `request_cache/<suite>_rank<r>.db`), so a run interrupted mid-suite replays what each rank had and
+    generates only the rest; the caller writes the record once the suite is complete."""
     from lm_eval import simple_evaluate
     from lm_eval.loggers import EvaluationTracker
 
+    main = rank_info().is_main
     log.info("evaluate: suite %s (%d task(s)) on %s", name, len(tasks), model)
-    shutil.rmtree(out_dir / LM_EVAL_DIR / name, ignore_errors=True)  # files of an interrupted attempt
-    tracker = EvaluationTracker(output_path=str(out_dir / LM_EVAL_DIR / name))
-    truncated_before = getattr(lm, "truncated_prompts", 0)
+    tracker = None
+    if main:
+        shutil.rmtree(out_dir / LM_EVAL_DIR / name, ignore_errors=True)  # files of an interrupted attempt
+        tracker = EvaluationTracker(output_path=str(out_dir / LM_EVAL_DIR / name))
+    before = parallel.counters(lm)
     out = simple_evaluate(
         model=lm,
         model_args={"pretrained": model},  # names lm-eval's output folder; the model is `lm`
@@ -221,10 +250,25 @@ def _run_suite(
         confirm_run_unsafe_code=bool(suite_ctx.conf.get("allow_code_eval", False)),
         random_seed=int(conf.get("seed", 1234)),
     )
+    parallel.close_request_cache(lm)
+    ranks = parallel.gather_counts(lm, before)  # every rank, after its cache is closed
+    if out is None:  # not rank 0: lm-eval gathered this rank's samples there
+        return None
+    record = _suite_record(name, suite_ctx, out, ranks)
+    _save_lm_eval_files(tracker, out, out.pop("samples"))  # last: lm-eval rewrites the samples as it saves
+    return record
+
+
+def _suite_record(
+    name: str, suite_ctx: SuiteContext, out: dict[str, Any], ranks: dict[str, Any]
+) -> dict[str, Any]:
+    """What results.json keeps of a suite: scores, the suite's summary, the task configs, and its protocol
+    (samples, shots, and, per rank, the prompts generated and truncated in the attempt that finished it;
+    replayed responses are neither re-generated nor re-cut)."""
     results = out["results"]
-    samples = out.pop("samples", {})
     configs = out.get("configs", {})
-    record = {
+    samples = out["samples"] = parallel.drop_padding_copies(out.get("samples", {}), configs)
+    return {
         "scores": {
             f"{task}/{key.split(',')[0]}": float(value)
             for task, metrics in results.items()
@@ -238,11 +282,9 @@ def _run_suite(
         "configs": _jsonable(configs),
         "samples": {task: len(rows) for task, rows in samples.items()},
         "num_fewshot": {task: int(n) for task, n in (out.get("n-shot") or {}).items() if task in samples},
-        # prompts cut to fit, among those generated in this process (replayed responses are not re-cut)
-        "truncated_prompts": getattr(lm, "truncated_prompts", 0) - truncated_before,
+        "truncated_prompts": sum(ranks["truncated_prompts"]),
+        "ranks": ranks,
     }
-    _save_lm_eval_files(tracker, out, samples)  # last: lm-eval rewrites the samples as it saves
-    return record
 
 
 def fingerprint_extras(cfg: DictConfig) -> list[list[Any]]:

@@ -1,9 +1,11 @@
-"""Multi-process launch: `python run.py ... training.num_gpus=8` re-runs itself under torchrun or the
-deepspeed launcher, one process per GPU, all writing to the same run directory.
+"""Multi-process launch: `python run.py ... training.num_gpus=8` (or, without a train stage,
+`evaluation.num_gpus=8`) re-runs itself under torchrun or the deepspeed launcher, one process per GPU,
+all writing to the same run directory.
 
 The children get the job's own overrides (not a sweep's `-m` arguments) and LONGATTN_RUN_DIR, so every
 rank resolves the same Hydra run directory. Stages synchronise through the artifact directory: prepare
-and select run on rank 0 while the others wait, score shards windows by rank, train runs on every rank.
+and select run on rank 0 while the others wait, score shards windows by rank, train runs on every rank,
+evaluate shards each suite's prompts by rank (lm-eval's data parallelism) and writes on rank 0.
 
 Multi-node, the documented path: torchrun, ONE command per node (SLURM: one task per node), joined by a
 c10d rendezvous at MASTER_ADDR:MASTER_PORT; node ranks are assigned by the rendezvous. Every node needs
@@ -56,15 +58,20 @@ FORWARDED_ENV_PREFIXES = (
 
 @dataclass(frozen=True)
 class Launch:
-    """What `training.*` says about the processes to start."""
+    """What `training.*` (or `evaluation.num_gpus`) says about the processes to start."""
 
     launcher: str
     num_gpus: int
     num_nodes: int = 1
     hostfile: str | None = None
+    source: str = "training"
+    """The config group whose keys set it (named in errors): training or evaluation."""
+    device: str = "auto"
+    """That group's `device`: cpu starts CPU processes (gloo) on purpose."""
 
 
 DETERMINISTIC_CUBLAS = ":4096:8"
+EVALUATE_STAGES = ("evaluate", "evaluate_base")
 
 
 def process_environment(cfg: Mapping) -> dict[str, str]:
@@ -78,9 +85,40 @@ def process_environment(cfg: Mapping) -> dict[str, str]:
     return {}
 
 
-def needs_launch(num_gpus: int, num_nodes: int, stages: Sequence[str], env: Mapping[str, str]) -> bool:
-    """More than one process is asked for, training is requested, and no launcher started us."""
-    return num_gpus * num_nodes > 1 and "train" in stages and "WORLD_SIZE" not in env
+def job_launch(training: Mapping, evaluation: Mapping, stages: Sequence[str]) -> Launch:
+    """The processes one job runs all its stages on: training's when `train` is requested (evaluate then
+    uses every rank of it), else `evaluation.num_gpus` torchrun processes on this node when an evaluate
+    stage is, else one."""
+    eval_gpus = int(evaluation.get("num_gpus", 1))
+    if "train" in stages:
+        launch = Launch(
+            training.launcher,
+            training.num_gpus,
+            training.num_nodes,
+            training.get("hostfile"),
+            source="training",
+            device=str(training.get("device", "auto")),
+        )
+        if (
+            eval_gpus > 1
+            and eval_gpus != launch.num_gpus * launch.num_nodes
+            and set(EVALUATE_STAGES) & set(stages)
+        ):
+            raise ConfigError(
+                f"evaluation.num_gpus={eval_gpus} with training.num_gpus={launch.num_gpus} x training.num_nodes="
+                f"{launch.num_nodes}: a job runs all its stages on the same processes, so evaluate uses "
+                "training's; leave evaluation.num_gpus=1 or evaluate in its own command (stages=[evaluate])"
+            )
+        return launch
+    device = str(evaluation.get("device", "auto"))
+    if set(EVALUATE_STAGES) & set(stages):
+        return Launch("torchrun", eval_gpus, source="evaluation", device=device)
+    return Launch("torchrun", 1, source="evaluation", device=device)
+
+
+def needs_launch(launch: Launch, env: Mapping[str, str]) -> bool:
+    """More than one process is asked for and no launcher started us."""
+    return launch.num_gpus * launch.num_nodes > 1 and "WORLD_SIZE" not in env
 
 
 def rendezvous_id(env: Mapping[str, str]) -> str:
@@ -164,17 +202,18 @@ def visible_cuda_devices() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def check_devices(launch: Launch, device: str, visible: int, env: Mapping[str, str]) -> None:
+def check_devices(launch: Launch, visible: int, env: Mapping[str, str]) -> None:
     """Refuse more processes per node than GPUs before starting any: each rank takes `cuda:<local
     rank>`, so rank `visible` would crash after the job's start-up (or, with no GPU at all, every rank
-    would train on the CPU). `training.device=cpu` starts CPU processes (gloo) deliberately."""
-    if device == "cpu" or launch.num_gpus <= 1 or launch.num_gpus <= visible:
+    would run on the CPU). `<group>.device=cpu` starts CPU processes (gloo) deliberately."""
+    if launch.device == "cpu" or launch.num_gpus <= 1 or launch.num_gpus <= visible:
         return
     shown = env.get("CUDA_VISIBLE_DEVICES")
     where = f"CUDA_VISIBLE_DEVICES={shown!r}" if shown is not None else "CUDA_VISIBLE_DEVICES unset"
+    key = f"{launch.source}.num_gpus"
     raise ConfigError(
-        f"training.num_gpus={launch.num_gpus}: this machine shows {visible} CUDA device(s) ({where}); set "
-        f"training.num_gpus={max(visible, 1)} (processes per node), or training.device=cpu to start "
+        f"{key}={launch.num_gpus}: this machine shows {visible} CUDA device(s) ({where}); set "
+        f"{key}={max(visible, 1)} (processes per node), or {launch.source}.device=cpu to start "
         f"{launch.num_gpus} CPU processes (gloo)"
     )
 

@@ -24,6 +24,16 @@ NON_RESULT_KEYS = (
     "log_every",
 )
 
+# How and where the evaluation runs, never what it scores (1 or N ranks give the same results).
+EVALUATION_SPEED_KEYS = (
+    "batch_size",
+    "device",
+    "backend",
+    "tensor_parallel_size",
+    "data_parallel_size",
+    "num_gpus",
+)
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -157,8 +167,9 @@ STAGES: dict[str, StageSpec] = {
             extras="evaluation.stage:fingerprint_extras",
             # evaluation.model set: any HF dir / Hub id, no train artifact needed
             inputs_for="evaluation.stage:stage_inputs",
-            ignored=("batch_size", "device", "backend", "tensor_parallel_size"),
+            ignored=EVALUATION_SPEED_KEYS,
             version=2,  # results.json: protocol per suite; official LongBench prompts and scoring
+            distributed=True,  # HF: lm-eval shards the requests over the ranks, rank 0 writes
         ),
         StageSpec(
             "evaluate_base",
@@ -167,7 +178,8 @@ STAGES: dict[str, StageSpec] = {
             "evaluation.stage:run_base",
             check="evaluation.stage:check_config",
             # the same evaluation on the untrained model.name_or_path (evaluation.model does not apply)
-            ignored=("batch_size", "device", "backend", "tensor_parallel_size", "model"),
+            ignored=(*EVALUATION_SPEED_KEYS, "model"),
+            distributed=True,
         ),
         StageSpec(
             "report",

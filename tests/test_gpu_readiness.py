@@ -142,12 +142,15 @@ def test_more_processes_than_visible_gpus_are_refused_before_launch():
 
     eight = Launch("torchrun", 8)
     with pytest.raises(ConfigError, match=r"training.num_gpus=8: this machine shows 0 CUDA device\(s\)"):
-        check_devices(eight, "auto", 0, {})
+        check_devices(eight, 0, {})
     with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES='0,1'.*training.num_gpus=2"):
-        check_devices(eight, "cuda", 2, {"CUDA_VISIBLE_DEVICES": "0,1"})
-    check_devices(eight, "auto", 8, {})
-    check_devices(eight, "cpu", 0, {})  # CPU processes (gloo) on purpose
-    check_devices(Launch("torchrun", 1), "auto", 0, {})
+        check_devices(Launch("torchrun", 8, device="cuda"), 2, {"CUDA_VISIBLE_DEVICES": "0,1"})
+    evaluation = Launch("torchrun", 4, source="evaluation")
+    with pytest.raises(ConfigError, match="evaluation.num_gpus=4.*evaluation.device=cpu"):
+        check_devices(evaluation, 1, {})
+    check_devices(eight, 8, {})
+    check_devices(Launch("torchrun", 8, device="cpu"), 0, {})  # CPU processes (gloo) on purpose
+    check_devices(Launch("torchrun", 1), 0, {})
 
 
 def test_a_ranks_user_error_is_left_to_the_parent(tmp_path, capsys):

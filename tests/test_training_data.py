@@ -182,11 +182,17 @@ def test_checkpoints_resume_only_from_complete_ones_and_prune(tmp_path):
 
 
 def test_launcher_commands():
-    from experiments.launch import Launch, launch_command, needs_launch
+    from omegaconf import OmegaConf
 
-    assert needs_launch(8, 1, ["train"], {}) and not needs_launch(1, 1, ["train"], {})
-    assert not needs_launch(8, 1, ["prepare", "score"], {})
-    assert not needs_launch(8, 1, ["train"], {"WORLD_SIZE": "8"})  # already under a launcher
+    from experiments.launch import Launch, job_launch, launch_command, needs_launch
+
+    def launch(num_gpus, stages):
+        training = OmegaConf.create({"launcher": "torchrun", "num_gpus": num_gpus, "num_nodes": 1})
+        return job_launch(training, OmegaConf.create({"num_gpus": 1}), stages)
+
+    assert needs_launch(launch(8, ["train"]), {}) and not needs_launch(launch(1, ["train"]), {})
+    assert not needs_launch(launch(8, ["prepare", "score"]), {})
+    assert not needs_launch(launch(8, ["train"]), {"WORLD_SIZE": "8"})  # already under a launcher
     cmd = launch_command(Launch("torchrun", 8), "run.py", ["experiment=longattn_32k"], {})
     assert cmd[1:] == [
         "-m",
