@@ -4,15 +4,21 @@ package, LongWanjuan against a transcription of its script, and the score/select
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import zlib
+from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
 
+import selection.score
 from common.chunked_loss import chunked_token_statistics, token_cross_entropy, token_kl
+from experiments.pipeline import run_pipeline
 from selection.scorers.compression import compression_columns
 from selection.scorers.context_contrast import (
     Span,
@@ -298,3 +304,91 @@ def test_longppl_key_tokens_are_the_reference_packages(smollm2_dir, smollm2_toke
         assert len(ours) > 5 and ours == theirs, domain
         row = key_token_columns(contrast, n, opts)
         assert row["n_key"] == len(theirs) and row["n_scored"] == n - 256 == (768 if bos == "auto" else 256)
+
+
+# ---------------------------------------------------------------- through the score and select stages
+
+SMALL = (
+    "data.sources=[{domain: code, format: python_code, options: {packages: [json, tomllib]}},"
+    "{domain: docs, format: python_docs, options: {modules: [json, textwrap, difflib], reference_topics: false}}]"
+)
+TINY = ["debug=tiny", SMALL, "data.max_windows_per_domain=6", "selection.flush_every=3"]
+
+
+def stage_dirs(cfg) -> dict[str, Path]:
+    return {
+        k: Path(v) for k, v in json.loads((Path(cfg.paths.output_dir) / "artifacts.json").read_text()).items()
+    }
+
+
+def test_new_methods_run_prepare_score_select_on_one_prepare_artifact(make_cfg, tmp_path):
+    """debug=tiny, one root as a `selection=...` multirun: every method reuses the one prepare artifact,
+    scores every window, and its selection keeps the top half of each domain by its rank column, higher
+    first."""
+    from selection.scorers.registry import scorer_class
+
+    prepared = set()
+    for method in NEW_METHODS:
+        # a random 2-layer model predicts no token well (loss ~ log 49152 = 10.8): LongPPL's thresholds
+        # are widened so that key tokens exist and vary
+        wide = ["selection.scoring.alpha=0.0", "selection.scoring.beta=-20.0"] if method == "longppl" else []
+        cfg = make_cfg(*TINY, f"selection={method}", "stages=[prepare,score,select]", *wide, root=tmp_path)
+        manifests = run_pipeline(cfg)
+        prepared.add(stage_dirs(cfg)["prepare"])
+        column = scorer_class(method).rank_column
+        assert manifests["score"]["columns"] == ["id", "domain", "n_tokens", *scorer_class(method).columns]
+        scores = pq.read_table(stage_dirs(cfg)["score"] / "scores.parquet").to_pylist()
+        assert len(scores) == 12 and all(np.isfinite(r[column]) for r in scores)
+        assert len({r[column] for r in scores}) > 1, method
+        chosen = pq.read_table(stage_dirs(cfg)["select"] / "selection.parquet").to_pylist()
+        for domain in ("code", "docs"):
+            mine = sorted((r for r in scores if r["domain"] == domain), key=lambda r: (-r[column], r["id"]))
+            assert [r["id"] for r in chosen if r["domain"] == domain] == [r["id"] for r in mine[:3]]
+    assert len(prepared) == 1
+
+
+def test_longppl_scoring_resumes_and_shards_like_the_others(make_cfg, monkeypatch):
+    """Killed after two flushed parts, the same command finishes the rest; two ranks merge; both give the
+    uninterrupted scores exactly."""
+    from common.artifacts import artifact_for
+    from common.stage import StageContext
+    from experiments.pipeline import stage_fingerprints
+    from selection.scorers.longppl import LongPPLScorer
+
+    opts = ["selection=longppl", "stages=[prepare,score]"]
+    cfg = make_cfg(*TINY, *opts)
+    run_pipeline(cfg)
+    score_dir = stage_dirs(cfg)["score"]
+    clean = pq.read_table(score_dir / "scores.parquet").to_pylist()
+    shutil.rmtree(score_dir)  # the prepare artifact stays and is reused below
+
+    calls, original = {"n": 0}, LongPPLScorer.score_batch
+
+    def dying(self, windows, ids=()):
+        calls["n"] += 1
+        if calls["n"] > 7:  # 7 windows scored, 6 of them flushed (flush_every=3)
+            raise KeyboardInterrupt("killed")
+        return original(self, windows, ids)
+
+    monkeypatch.setattr(LongPPLScorer, "score_batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg)
+    assert len(list((score_dir / "parts").glob("rank-*.parquet"))) == 2
+    monkeypatch.setattr(LongPPLScorer, "score_batch", original)
+    assert run_pipeline(cfg)["score"]["scored_this_run_rank0"] == 12 - 6
+    assert pq.read_table(score_dir / "scores.parquet").to_pylist() == clean
+
+    shutil.rmtree(score_dir)
+    fps = stage_fingerprints(cfg, ["score"])
+    artifacts_dir = Path(cfg.paths.artifacts_dir)
+    prep = artifact_for(artifacts_dir, "prepare", fps["prepare"])
+    out = artifact_for(artifacts_dir, "score", fps["score"])
+    out.path.mkdir(parents=True)
+    ctx = StageContext(out_dir=out.path, inputs={"prepare": prep}, cache_dir=Path(cfg.paths.cache_dir))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_PORT", "29517")
+    for rank in (1, 0):  # rank 1 scores its half; rank 0 its own and merges
+        monkeypatch.setenv("RANK", str(rank))
+        manifest = selection.score.run(cfg, ctx)
+    assert manifest["world_size"] == 2 and manifest["scored_this_run_rank0"] == 6
+    assert pq.read_table(out.path / "scores.parquet").to_pylist() == clean
