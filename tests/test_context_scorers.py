@@ -127,6 +127,26 @@ def test_token_kl_by_hand_and_chunked_statistics_equal_unchunked():
         chunked_token_statistics(head, [a, b[:5]], statistic, 4, targets=targets)
 
 
+def test_bad_options_and_too_short_windows_name_the_key():
+    from common.errors import ConfigError
+    from selection.scorers.ppl_gain import PplGainOptions
+
+    for bad, key in (
+        ({"bos": "maybe"}, "bos"),
+        ({"passes_per_forward": 0}, "passes_per_forward"),
+        ({"stride": 0}, "stride"),
+        ({"head_chunk_tokens": 0}, "head_chunk_tokens"),
+    ):
+        with pytest.raises(ConfigError, match=key):
+            LongPPLOptions(**bad)
+    with pytest.raises(ConfigError, match="scored_len"):
+        PplGainOptions(short_len=4096)
+    with pytest.raises(ConfigError, match="short_len below the window length"):
+        sliding_spans(256, 256, 32)
+    with pytest.raises(ConfigError, match="chunk_len"):
+        chunk_spans(1024, 4096, 2048, 1024)
+
+
 def test_each_scorer_ranks_by_its_rank_column_higher_first():
     import pyarrow as pa
 

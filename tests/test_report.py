@@ -320,7 +320,9 @@ def test_every_experiment_runs_end_to_end_in_one_tiny_sweep(tmp_path):
         f"hydra.sweep.dir={sweep}",
         timeout=1500,
     )
-    members = sorted(p.parent for p in sweep.glob("*/artifacts.json"))
+    members = sorted(
+        (p.parent for p in sweep.glob("*/artifacts.json")), key=lambda p: int(p.name)
+    )  # job order
     assert len(members) == len(EXPERIMENTS)
     unscored = members[EXPERIMENTS.index("released_data_32k")]  # selection=all: no score stage
     for member in members:

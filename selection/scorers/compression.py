@@ -4,7 +4,7 @@ Behind Data Selection and Data Compression", USTC-StarTeam/ZIP at f77b0b5). No m
 ZIP's `get_compression_ratio` (ZIP.py lines 15-19) is len(raw) / len(zlib.compress(raw, level=9)) of
 the UTF-8 bytes, and ZIP prefers LOW ratios (less redundancy: `torch.topk(..., largest=False)`, line
 46). Ours scores each window alone (ZIP re-scores candidates greedily against the set selected so far,
-lines 38-70, and compresses the `str()` of its JSON records; we compress the window's decoded text).
+lines 21-116, and compresses the `str()` of its JSON records; we compress the window's decoded text).
 Columns: `incompressibility` = len(compressed) / len(raw), the ranking score (higher is better: less
 redundant text, ZIP's preference), `compression_ratio` (ZIP's ratio, lower is less redundant),
 `text_bytes`.

@@ -133,6 +133,15 @@ def with_bos(window: np.ndarray, bos_token_id: int | None) -> torch.Tensor:
     return ids if bos_token_id is None else torch.cat([torch.tensor([bos_token_id]), ids])
 
 
+def check_speed_keys(passes_per_forward: int | str, head_chunk_tokens: int) -> None:
+    if passes_per_forward != "auto" and (not isinstance(passes_per_forward, int) or passes_per_forward < 1):
+        raise ConfigError(
+            f"selection.scoring.passes_per_forward={passes_per_forward}: an integer >= 1 or auto"
+        )
+    if head_chunk_tokens < 1:
+        raise ConfigError(f"selection.scoring.head_chunk_tokens={head_chunk_tokens}: must be >= 1")
+
+
 class ContrastModel:
     """A causal LM split into backbone and LM head, scoring tokens under long and short contexts."""
 
@@ -147,8 +156,7 @@ class ContrastModel:
 
         from common.model_sources import resolve_model_path
 
-        if passes_per_forward != "auto" and int(passes_per_forward) < 1:
-            raise ConfigError(f"selection.scoring.passes_per_forward={passes_per_forward}: >= 1 or auto")
+        check_speed_keys(passes_per_forward, head_chunk_tokens)
         self.device = torch.device(setup.device)
         torch_dtype = resolve_dtype(dtype, setup.device, setup.model_dtype)
         path = resolve_model_path(setup.model, setup.cache_dir)
@@ -241,8 +249,11 @@ class ContextOptions:
         self.bos = str(self.bos).lower()
         if self.bos not in BOS_CHOICES:
             raise ConfigError(f"selection.scoring.bos={self.bos}: choose one of {BOS_CHOICES}")
-        if self.short_len < 1 or self.stride < 1 or self.head_chunk_tokens < 1:
-            raise ConfigError("selection.scoring.short_len, stride and head_chunk_tokens must be >= 1")
+        if self.short_len < 1 or self.stride < 1:
+            raise ConfigError(
+                f"selection.scoring.short_len={self.short_len}, stride={self.stride}: both must be >= 1"
+            )
+        check_speed_keys(self.passes_per_forward, self.head_chunk_tokens)
 
 
 class SlidingContrastScorer:

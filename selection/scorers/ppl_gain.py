@@ -27,7 +27,13 @@ import numpy as np
 import torch
 
 from common.errors import ConfigError
-from selection.scorers.context_contrast import ContrastModel, TokenContrast, chunk_spans, with_bos
+from selection.scorers.context_contrast import (
+    ContrastModel,
+    TokenContrast,
+    check_speed_keys,
+    chunk_spans,
+    with_bos,
+)
 from selection.scorers.registry import SCORERS, ScorerSetup, typed_options
 
 EPSILON = 1e-5
@@ -55,6 +61,7 @@ class PplGainOptions:
                 f"selection.scoring: need 1 <= scored_len ({self.scored_len}) < short_len "
                 f"({self.short_len}) < chunk_len ({self.chunk_len})"
             )
+        check_speed_keys(self.passes_per_forward, self.head_chunk_tokens)
 
 
 def coherence_columns(contrast: TokenContrast, scored_len: int) -> dict[str, float]:
