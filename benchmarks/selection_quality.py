@@ -304,7 +304,7 @@ def run_method(method, args, sets, domains, modes) -> list:
         extra = {"exclude_sink_tokens": args.exclude_sink_tokens, **({"layers": layers} if layers else {})}
     scorer = build_scorer_for(method, args.window, args.model, extra)
     rows, seconds = score_all(scorer, method, windows, modes)
-    print(f"{method}: done ({seconds:.3f} s/window, {len(windows)} windows)", flush=True)
+    print(f"{method}: done ({seconds:.3g} s/window, {len(windows)} windows)", flush=True)
     if method != "longattn":
         return [(method, "", judge([r[COLUMNS[method]] for r in rows]), seconds, count)]
     costs = layer_costs(scorer.stats_seconds, seconds, len(windows))
@@ -345,7 +345,7 @@ def main() -> None:
     print("|---|---|" + "---|" * (len(domains) + 2))
     for name, attention, aucs, seconds, count in table:
         cells = " | ".join(f"{a:.3f} [{lo:.2f}, {hi:.2f}]" for a, lo, hi in (aucs[d] for d in domains))
-        print(f"| {name} | {attention} | {cells} | {seconds:.3f} | {count} |")
+        print(f"| {name} | {attention} | {cells} | {seconds:.3g} | {count} |")
 
 
 if __name__ == "__main__":
