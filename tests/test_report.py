@@ -28,13 +28,9 @@ from experiments.paper_tables import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-# Left out of the end-to-end sweep: released_longattn_8b evaluates a Hub model (its own test below);
-# longfilter_32k and ppl_gain_32k differ from longppl_32k only in the scorer, whose score and select stages
-# tests/test_context_scorers.py runs (each member costs ~25 s of tiny training and evaluation in CI); all
-# three are composed by tests/test_config.py.
-SWEEP_SKIPS = ("released_longattn_8b", "longfilter_32k", "ppl_gain_32k")
+# every experiment that trains; released_longattn_8b evaluates a Hub model (its own test below)
 EXPERIMENTS = sorted(
-    p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml") if p.stem not in SWEEP_SKIPS
+    p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml") if p.stem != "released_longattn_8b"
 )
 
 
@@ -314,7 +310,7 @@ def test_every_experiment_runs_end_to_end_in_one_tiny_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     done = run_cli(
         "-m",
-        f"experiment=glob(*,exclude=[{','.join(SWEEP_SKIPS)}])",
+        "experiment=glob(*,exclude=released_longattn_8b)",  # it needs the Hub
         "debug=tiny",
         f"paths.root_dir={tmp_path}",
         f"hydra.sweep.dir={sweep}",
@@ -338,10 +334,10 @@ def test_every_experiment_runs_end_to_end_in_one_tiny_sweep(tmp_path):
     scores = {json.loads((m / "artifacts.json").read_text()).get("score") for m in members} - {None}
     selects = {json.loads((m / "artifacts.json").read_text())["select"] for m in members}
     # demo LongAttn, LongAttn (theta 2.5e6, authors' sequence: 8B/70B/ablations on tiny), the same causal,
-    # Random, ProLong, LADM, LongPPL, Compression
-    assert len(scores) == 8
+    # Random, ProLong, LADM, LongPPL, LongFilter, PPL gain, Compression
+    assert len(scores) == 10
     # alpha=1 and w/o DU_T select differently from the same scores; select-all
-    assert len(selects) == 11
+    assert len(selects) == 13
     assert "score: reused artifact" in done.stdout + done.stderr
     # the demo's report: the trained and the untrained model, the paper's LongAttn-8 rows as references
     demo = members[EXPERIMENTS.index("demo")]
@@ -361,11 +357,11 @@ def test_every_experiment_runs_end_to_end_in_one_tiny_sweep(tmp_path):
     )
     index = json.loads((tmp_path / "report_run" / "artifacts.json").read_text())
     text = (Path(index["report"]) / "report.md").read_text()
-    for label in ("Random", "ProLong", "LADM", "w/o DU_T", "alpha=1", "causal", "LongPPL", "Compression"):
+    for label in ("Random", "ProLong", "LADM", "w/o DU_T", "alpha=1", "causal", "LongPPL", "LongFilter"):
         assert label in text
-    assert "Not in the LongAttn paper: Compression, LADM, LongPPL." in text
+    assert "Not in the LongAttn paper: Compression, LADM, LongFilter, LongPPL, PPL gain." in text
     # at debug=tiny's 8,192 training tokens no run has its own published row: each trained model gets its
-    # row and its method's reference row, but LADM, LongPPL and Compression (not in the paper) and the
-    # demo's base model only theirs
+    # row and its method's reference row, but the five methods not in the paper (LADM, LongPPL,
+    # LongFilter, PPL gain, Compression) and the demo's base model only theirs
     rows = (Path(index["report"]) / "table1.csv").read_text().count("\n")
-    assert rows == 1 + 2 * len(EXPERIMENTS) - 3 + 1
+    assert rows == 1 + 2 * len(EXPERIMENTS) - 5 + 1
