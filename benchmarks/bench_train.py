@@ -44,7 +44,7 @@ def loss_child(
     import torch
     import torch.nn.functional as F
 
-    from training.chunked_loss import chunked_lm_loss
+    from common.chunked_loss import chunked_lm_loss
 
     torch.manual_seed(0)
     dev = torch.device(device)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from gpu_parts import ROOT, Recorder, on_gpu
 
-SCORE_METHODS = ("longattn", "ladm", "prolong", "random")
+SCORE_METHODS = ("longattn", "ladm", "prolong", "random", "longppl", "longfilter", "ppl_gain", "compression")
 LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32}
 LLAMA3_8B.update(num_key_value_heads=8, vocab_size=128256, rope_theta=5e5)
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "head_dim": 16}
@@ -31,6 +31,7 @@ SIZES = {
         "scorer": "smollm2_shaped",  # random weights, SmolLM2-135M's shape and tokenizer
         "score_window": 8192,
         "score_windows_per_domain": 8,
+        "score_extra": [],
         "train_model": LLAMA3_8B,
         "train_layers": 4,
         "train_seq": 32768,
@@ -42,8 +43,10 @@ SIZES = {
     },
     "smoke": {
         "scorer": "tiny_llama",
-        "score_window": 2560,  # the paper geometry's smallest: LADM needs 128 + 4 * 512 + 128 tokens
+        "score_window": 4608,  # the paper geometry needs more than 4096 (LongPPL's short context, PPL gain's chunk)
         "score_windows_per_domain": 2,
+        # ProLong's 500 pairs of vocabulary-wide logits cost ~50 s per window on a CPU: 20 here
+        "score_extra": ["+demo_scale={prolong_sample_pairs: 20}"],
         "train_model": TINY,
         "train_layers": 2,
         "train_seq": 512,
@@ -129,8 +132,8 @@ def train_model(work: Path, mode: str) -> str:
 
 
 def part_score_e2e(mode: str, work: Path, rec: Recorder) -> None:
-    """`python run.py -m stages=[prepare,score] selection=longattn,ladm,prolong,random ...` (one multirun:
-    the members share the prepare artifact), windows/s per method from the score manifests."""
+    """`python run.py -m stages=[prepare,score] selection=<every scorer> ...` (one multirun: the members
+    share the prepare artifact), windows/s per method from the score manifests."""
     import pyarrow.parquet as pq
 
     sizes = SIZES[mode]
@@ -141,7 +144,7 @@ def part_score_e2e(mode: str, work: Path, rec: Recorder) -> None:
     # the paper geometry: no experiment, so no demo_scale (LADM chunks of 128, ProLong 128 / 500 pairs)
     args += ["~experiment", f"model.name_or_path={model}", f"selection.scorer_model.name_or_path={model}"]
     args += [f"data.window_size={sizes['score_window']}", f"data.num_proc={sizes['num_proc']}"]
-    args += [f"data.max_windows_per_domain={sizes['score_windows_per_domain']}"]
+    args += [f"data.max_windows_per_domain={sizes['score_windows_per_domain']}", *sizes["score_extra"]]
     began = time.perf_counter()
     done = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT)
     rec.set("run", {"returncode": done.returncode, "seconds": time.perf_counter() - began, "args": args})

@@ -5,8 +5,9 @@ made of `--piece-tokens` pieces cut from many different documents and concatenat
 "concatenated short documents have no long-range dependency" negative). Both kinds per domain, scored
 by every method with its Hydra config (the same options the pipeline uses). Reports ROC-AUC of
 coherent-over-stitched per domain with a seeded, stratified bootstrap 95 % interval, and seconds per
-window. The cheap methods (LongAttn, random) use `--count` windows per kind and domain; the slow rivals
-the first `--ladm-count` / `--prolong-count` of them (wider intervals, printed beside each AUC).
+window. The cheap methods (LongAttn, random, compression) use `--count` windows per kind and domain;
+the slow ones the first `--ladm-count` / `--prolong-count` / `--context-count` (LongPPL, LongFilter,
+LongWanjuan's ppl_gain) of them (wider intervals, printed beside each AUC).
 
     python benchmarks/selection_quality.py                               # demo corpus, SmolLM2
     python benchmarks/selection_quality.py --corpus books.jsonl --text-field text --window 2048 --count 50
@@ -29,8 +30,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
-METHODS = ("longattn", "ladm", "prolong", "random")
-COLUMNS = {"ladm": "cds", "prolong": "lds", "random": "u"}
+METHODS = ("longattn", "ladm", "prolong", "random", "longppl", "longfilter", "ppl_gain", "compression")
+COLUMNS = {
+    "ladm": "cds",
+    "prolong": "lds",
+    "random": "u",
+    "longppl": "key_fraction",
+    "longfilter": "kl_gain",
+    "ppl_gain": "ppl_gain",
+    "compression": "incompressibility",
+}
+CONTEXT_METHODS = ("longppl", "longfilter", "ppl_gain")
+"""Long-vs-short context scorers: several forward passes per window, `--context-count` windows."""
 MODES = {"true": (True,), "false": (False,), "both": (True, False)}
 
 
@@ -244,6 +255,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--ladm-count", type=int, default=24, help="LADM's windows per kind and domain")
     parser.add_argument("--prolong-count", type=int, default=12, help="ProLong's windows per kind and domain")
+    parser.add_argument(
+        "--context-count",
+        type=int,
+        default=12,
+        help="windows per kind and domain of longppl, longfilter, ppl_gain",
+    )
     parser.add_argument("--piece-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0, help="windows and bootstrap resamples")
     parser.add_argument("--boots", type=int, default=2000, help="bootstrap resamples per AUC")
@@ -265,7 +282,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def method_count(method: str, args: argparse.Namespace) -> int:
-    return {"ladm": args.ladm_count, "prolong": args.prolong_count}.get(method, args.count)
+    counts = {"ladm": args.ladm_count, "prolong": args.prolong_count}
+    counts.update(dict.fromkeys(CONTEXT_METHODS, args.context_count))
+    return counts.get(method, args.count)
 
 
 def run_method(method, args, sets, domains, modes) -> list:
@@ -285,7 +304,7 @@ def run_method(method, args, sets, domains, modes) -> list:
         extra = {"exclude_sink_tokens": args.exclude_sink_tokens, **({"layers": layers} if layers else {})}
     scorer = build_scorer_for(method, args.window, args.model, extra)
     rows, seconds = score_all(scorer, method, windows, modes)
-    print(f"{method}: done ({seconds:.3f} s/window, {len(windows)} windows)", flush=True)
+    print(f"{method}: done ({seconds:.3g} s/window, {len(windows)} windows)", flush=True)
     if method != "longattn":
         return [(method, "", judge([r[COLUMNS[method]] for r in rows]), seconds, count)]
     costs = layer_costs(scorer.stats_seconds, seconds, len(windows))
@@ -326,7 +345,7 @@ def main() -> None:
     print("|---|---|" + "---|" * (len(domains) + 2))
     for name, attention, aucs, seconds, count in table:
         cells = " | ".join(f"{a:.3f} [{lo:.2f}, {hi:.2f}]" for a, lo, hi in (aucs[d] for d in domains))
-        print(f"| {name} | {attention} | {cells} | {seconds:.3f} | {count} |")
+        print(f"| {name} | {attention} | {cells} | {seconds:.3g} | {count} |")
 
 
 if __name__ == "__main__":

@@ -74,18 +74,27 @@ def base_model_label(name_or_path: str) -> str:
     return BASE_MODELS.get(name_or_path, str(name_or_path))
 
 
+# `selection.method` -> the row name: the paper's (Random, ProLong) and the rivals it has no rows for
+METHOD_LABELS = {
+    "random": "Random",
+    "prolong": "ProLong",
+    "ladm": "LADM",
+    "longppl": "LongPPL",
+    "longfilter": "LongFilter",
+    "ppl_gain": "PPL gain",
+    "compression": "Compression",
+}
+
+
 def method_label(selection: Mapping[str, Any]) -> str:
-    """The paper's method names: Random, ProLong, LongAttn-8 / -70 (+ Table 4 ablation suffixes), or the
-    selection's own `label` (experiment=released_data_32k: LongAttn-70, the authors' released selection)."""
+    """The paper's method names: Random, ProLong, LongAttn-8 / -70 (+ Table 4 ablation suffixes); the
+    other scorers' names (METHOD_LABELS); or the selection's own `label` (experiment=released_data_32k:
+    LongAttn-70, the authors' released selection)."""
     if selection.get("label"):
         return str(selection["label"])
     method = selection.get("method")
-    if method == "random":
-        return "Random"
-    if method == "prolong":
-        return "ProLong"
-    if method == "ladm":
-        return "LADM"
+    if method in METHOD_LABELS:
+        return METHOD_LABELS[method]
     if method == "longattn":
         scorer = str((selection.get("scorer_model") or {}).get("name_or_path", ""))
         size = "70" if "70B" in scorer else "8" if "8B" in scorer else None
@@ -125,6 +134,16 @@ def paper_row(
         if budgets:
             return (budgets[0], method), False
     return None, False
+
+
+def unpublished_methods(
+    runs: Sequence[RunResult], published: Mapping[str, Mapping[tuple[str, str], Mapping[str, float]]]
+) -> list[str]:
+    """Methods of runs that no published table has a row for, not even as a reference (LADM, LongPPL,
+    LongFilter, PPL gain, Compression: not in the LongAttn paper)."""
+    return sorted(
+        {run.method for run in runs if all(paper_row(name, run, published)[0] is None for name in TABLES)}
+    )
 
 
 def _tokens_value(tokens: str) -> float:

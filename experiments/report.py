@@ -36,6 +36,7 @@ from experiments.paper_tables import (
     run_tables,
     table_rows,
     tokens_label,
+    unpublished_methods,
 )
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,12 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
         "difference at another length says so.\n",
         "## What was evaluated\n\n" + "".join(f"- **{r.label}**: {r.measured}\n" for r in runs),
     ]
+    unpublished = unpublished_methods(runs, published)
+    if unpublished:
+        sections.append(
+            f"Not in the LongAttn paper: {', '.join(unpublished)}. No published numbers exist for these "
+            "methods, so their rows stand beside the paper's methods without a paper row or a difference.\n"
+        )
     written: dict[str, int] = {}
     for name, (caption, _) in TABLES.items():
         rows = table_rows(name, runs, published)

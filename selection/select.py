@@ -110,6 +110,11 @@ def _column_rule(column: str) -> ScoreRule:
 SCORE_RULES.add("ladm", _column_rule("cds"))
 SCORE_RULES.add("prolong", _column_rule("lds"))
 SCORE_RULES.add("random", _column_rule("u"))
+# beyond the paper: each scorer's `rank_column` (tests/test_context_scorers.py checks they agree)
+SCORE_RULES.add("longppl", _column_rule("key_fraction"))
+SCORE_RULES.add("longfilter", _column_rule("kl_gain"))
+SCORE_RULES.add("ppl_gain", _column_rule("ppl_gain"))
+SCORE_RULES.add("compression", _column_rule("incompressibility"))
 # selection=all: no scorer; every window scores 0, so ranks follow the window ids and fraction 1.0 keeps all
 SCORE_RULES.add(UNSCORED_METHOD, lambda table, conf: np.zeros(table.num_rows))
 

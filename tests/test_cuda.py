@@ -1,4 +1,4 @@
-"""The CUDA paths against their CPU results: scorers, the Triton kernel, a DeepSpeed step, lm-eval.
+"""The CUDA paths against their CPU results: every scorer, the Triton kernel, a DeepSpeed step, lm-eval.
 
 Every test here is marked `cuda`: it skips where no CUDA device is visible (CI, CUDA_VISIBLE_DEVICES=)
 and is run on a lent GPU by `benchmarks/gpu_suite.py` (part 2, `pytest -m cuda`). Models are the
@@ -72,6 +72,20 @@ def test_ladm_on_cuda_equals_cpu():
 def test_prolong_on_cuda_equals_cpu():
     opts = {"chunk_size": 32, "sample_pairs": 40, "dtype": "float32", "batch_size": 8}
     assert_close(scores("prolong", "cuda", **opts), scores("prolong", "cpu", **opts), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("longppl", {"short_len": 128, "stride": 64}),
+        ("longfilter", {"short_len": 128, "stride": 64}),
+        ("ppl_gain", {"chunk_len": 256, "short_len": 128, "scored_len": 64}),
+    ],
+)
+def test_long_vs_short_context_scorers_on_cuda_equal_cpu(method, options):
+    """Full and truncated-context passes, batched short passes, the LM head in chunks: on CUDA as on CPU."""
+    opts = {**options, "dtype": "float32", "head_chunk_tokens": 100}
+    assert_close(scores(method, "cuda", **opts), scores(method, "cpu", **opts), rel=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

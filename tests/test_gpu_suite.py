@@ -38,7 +38,9 @@ def test_the_smoke_suite_runs_every_part_and_records_real_values(tmp_path):
     assert tiny["triton_causal"]["tokens_per_s"] > 0 and tiny["sdpa_flash_causal"]["seconds"] > 0
     assert parts["pytest_cuda"]["counts"]["skipped"] == parts["pytest_cuda"]["counts"]["tests"] > 0
     methods = parts["score_e2e"]["methods"]
-    assert sorted(methods) == ["ladm", "longattn", "prolong", "random"]
+    assert sorted(methods) == sorted(
+        ["longattn", "ladm", "prolong", "random", "longppl", "longfilter", "ppl_gain", "compression"]
+    )
     assert all(m["windows"] == 4 and m["all_finite"] for m in methods.values())
     train = parts["train_step"]
     assert train["stage"]["attn_implementation"] == "sdpa" and len(train["steps"]) == 3

@@ -24,6 +24,7 @@ from experiments.paper_tables import (
     run_tables,
     table_rows,
     tokens_label,
+    unpublished_methods,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,6 +145,27 @@ def test_a_run_the_paper_has_no_row_for_gets_the_same_methods_row_as_a_labelled_
         ["0", "LLaMA-3-Base", "paper (reference, not this run's row)"],
     ]
     assert rows[4][6] == "65.9" and rows[4][3] == "-"  # Table 3 has no evaluation length
+
+
+def test_methods_beyond_the_paper_get_their_rows_and_are_named_unpublished():
+    """LongPPL, LongFilter, PPL gain and Compression rows stand beside the paper's methods, with no paper
+    row or difference, and the report names them as methods without published numbers."""
+    published = load_published()
+    labels = [
+        method_label({"method": m}) for m in ("longppl", "longfilter", "ppl_gain", "compression", "ladm")
+    ]
+    assert labels == ["LongPPL", "LongFilter", "PPL gain", "Compression", "LADM"]
+    runs = [RunResult(label, label, "5B", {"table1": {"Avg": 70.0}}) for label in labels]
+    runs.append(RunResult("Random", "Random", "5B", {"table1": {"Avg": 78.0}}))
+    rows = table_rows("table1", runs, published)
+    assert [r[:3] for r in rows[1:]] == [
+        *[["5B", label, "ours"] for label in labels],
+        ["5B", "Random", "ours"],
+        ["5B", "Random", "paper"],
+        ["5B", "Random", "ours - paper"],
+    ]
+    assert rows[-1][-1] == "-0.2"  # 78.0 - 78.2
+    assert unpublished_methods(runs, published) == sorted(labels)
 
 
 def test_published_table11_qa_is_the_mean_of_qa1_and_qa2_except_the_flagged_row():
@@ -294,7 +316,9 @@ def test_every_experiment_runs_end_to_end_in_one_tiny_sweep(tmp_path):
         f"hydra.sweep.dir={sweep}",
         timeout=1500,
     )
-    members = sorted(p.parent for p in sweep.glob("*/artifacts.json"))
+    members = sorted(
+        (p.parent for p in sweep.glob("*/artifacts.json")), key=lambda p: int(p.name)
+    )  # job order
     assert len(members) == len(EXPERIMENTS)
     unscored = members[EXPERIMENTS.index("released_data_32k")]  # selection=all: no score stage
     for member in members:
@@ -310,10 +334,10 @@ def test_every_experiment_runs_end_to_end_in_one_tiny_sweep(tmp_path):
     scores = {json.loads((m / "artifacts.json").read_text()).get("score") for m in members} - {None}
     selects = {json.loads((m / "artifacts.json").read_text())["select"] for m in members}
     # demo LongAttn, LongAttn (theta 2.5e6, authors' sequence: 8B/70B/ablations on tiny), the same causal,
-    # Random, ProLong, LADM
-    assert len(scores) == 6
+    # Random, ProLong, LADM, LongPPL, LongFilter, PPL gain, Compression
+    assert len(scores) == 10
     # alpha=1 and w/o DU_T select differently from the same scores; select-all
-    assert len(selects) == 9
+    assert len(selects) == 13
     assert "score: reused artifact" in done.stdout + done.stderr
     # the demo's report: the trained and the untrained model, the paper's LongAttn-8 rows as references
     demo = members[EXPERIMENTS.index("demo")]
@@ -333,9 +357,11 @@ def test_every_experiment_runs_end_to_end_in_one_tiny_sweep(tmp_path):
     )
     index = json.loads((tmp_path / "report_run" / "artifacts.json").read_text())
     text = (Path(index["report"]) / "report.md").read_text()
-    for label in ("Random", "ProLong", "LADM", "w/o DU_T", "alpha=1", "causal"):
+    for label in ("Random", "ProLong", "LADM", "w/o DU_T", "alpha=1", "causal", "LongPPL", "LongFilter"):
         assert label in text
+    assert "Not in the LongAttn paper: Compression, LADM, LongFilter, LongPPL, PPL gain." in text
     # at debug=tiny's 8,192 training tokens no run has its own published row: each trained model gets its
-    # row and its method's reference row, but LADM (not in the paper) and the demo's base model only theirs
+    # row and its method's reference row, but the five methods not in the paper (LADM, LongPPL,
+    # LongFilter, PPL gain, Compression) and the demo's base model only theirs
     rows = (Path(index["report"]) / "table1.csv").read_text().count("\n")
-    assert rows == 1 + 2 * len(EXPERIMENTS) - 1 + 1
+    assert rows == 1 + 2 * len(EXPERIMENTS) - 5 + 1

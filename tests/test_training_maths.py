@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.chunked_loss import IGNORE_INDEX, chunked_lm_loss
+from common.chunked_loss import IGNORE_INDEX, chunked_lm_loss
 from training.flops import (
     flops_per_token,
     mfu,

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from common.checkpoint import load_config
+from common.chunked_loss import chunked_lm_loss
 from common.distributed import rank_info
 from common.errors import ConfigError
 from common.model_sources import resolve_model_path
 from training.attention import AttentionChoice, choose_attention, packed_masks_supported
-from training.chunked_loss import chunked_lm_loss
 from training.config import TrainConfig
 
 log = logging.getLogger(__name__)

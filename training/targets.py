@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from training.chunked_loss import IGNORE_INDEX
+from common.chunked_loss import IGNORE_INDEX
 
 
 def next_token_labels(

@@ -46,8 +46,12 @@ SCORERS: Registry[Callable[[ScorerSetup], WindowScorer]] = Registry("scorer")
 
 
 def scorer_class(method: str):
-    import selection.scorers.ladm  # noqa: F401  (each module registers its scorer)
+    import selection.scorers.compression  # noqa: F401  (each module registers its scorer)
+    import selection.scorers.ladm  # noqa: F401
     import selection.scorers.longattn  # noqa: F401
+    import selection.scorers.longfilter  # noqa: F401
+    import selection.scorers.longppl  # noqa: F401
+    import selection.scorers.ppl_gain  # noqa: F401
     import selection.scorers.prolong  # noqa: F401
     import selection.scorers.random_scorer  # noqa: F401
 
