@@ -38,6 +38,11 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 REPO = Path(__file__).resolve().parent.parent
+# A demo corpus of 5 small documents (2 packages' sources, 3 modules' docs): a few seconds of prepare
+SMALL_DEMO_SOURCES = (
+    "data.sources=[{domain: code, format: python_code, options: {packages: [json, tomllib]}},"
+    "{domain: docs, format: python_docs, options: {modules: [json, textwrap, difflib], reference_topics: false}}]"
+)
 # set by a launcher or an enclosing run; a child `run.py` must start clean of them
 RUN_ENV_KEYS = ("LONGATTN_RUN_DIR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, RUN_ENV_KEYS, compose_cfg, run_cli
+from conftest import REPO, RUN_ENV_KEYS, SMALL_DEMO_SOURCES, compose_cfg, run_cli
 
 import selection.score
 from common.artifacts import artifact_for
@@ -26,13 +26,9 @@ from common.claim_records import RECORD_FILE, OwnerRecord, read_record
 from common.stage import StageContext
 from experiments.pipeline import run_pipeline, stage_fingerprints
 
-SMALL = (
-    "data.sources=[{domain: code, format: python_code, options: {packages: [json, tomllib]}},"
-    "{domain: docs, format: python_docs, options: {modules: [json, textwrap, difflib], reference_topics: false}}]"
-)
 ARGS = [
     "debug=tiny",
-    SMALL,
+    SMALL_DEMO_SOURCES,
     "data.max_windows_per_domain=10",
     "selection.batch_size=2",
     "stages=[prepare,score,select]",

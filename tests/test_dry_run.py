@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import SMALL_DEMO_SOURCES, run_cli
 
 from common.artifacts import artifact_for
 from common.claim_records import RECORD_FILE, ClaimSettings, OwnerRecord, Staleness
@@ -20,13 +20,9 @@ from experiments.dry_run import plan_stages
 from experiments.pipeline import run_pipeline, stage_fingerprints
 from selection.scorers.longattn import LongAttnScorer
 
-SMALL = (
-    "data.sources=[{domain: code, format: python_code, options: {packages: [json, tomllib]}},"
-    "{domain: docs, format: python_docs, options: {modules: [json, textwrap, difflib], reference_topics: false}}]"
-)
 ARGS = [
     "debug=tiny",
-    SMALL,
+    SMALL_DEMO_SOURCES,
     "data.max_windows_per_domain=10",
     "selection.flush_every=3",
     "selection.batch_size=2",
