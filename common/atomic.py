@@ -10,11 +10,26 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for every thread at once)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp_path)`, fsync, then rename over `path` (same directory, so rename is atomic)."""
+    """Call `write(tmp_path)`, fsync, then rename over `path` (same directory, so rename is atomic).
+    The file gets the mode a plain `open` would give (0666 minus the umask), not mkstemp's 0600, so the
+    artifacts of a directory shared by several users (sweeps on a cluster) stay readable to them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     tmp = Path(tmp_name)
     try:

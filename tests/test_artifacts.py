@@ -58,3 +58,21 @@ def test_atomic_write_keeps_old_file_when_the_writer_fails(tmp_path):
         atomic_write(target, broken)
     assert json.loads(target.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temp file left behind
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path):
+    """Not mkstemp's 0600: other users of a shared artifacts directory must read the manifests."""
+    import os
+    import stat
+
+    from common.atomic import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "b.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o600
