@@ -33,8 +33,11 @@ def rank_info() -> RankInfo:
 
 def launch_id(env: Mapping[str, str] = os.environ) -> str:
     """Identifies one launch of all ranks: the same on each of its ranks, different for a later launch (so a
-    later launch ignores an earlier one's markers, and other runs never share its claims)."""
-    return env.get("TORCHELASTIC_RUN_ID") or env.get("SLURM_JOB_ID") or env.get("MASTER_PORT", "local")
+    later launch ignores an earlier one's markers, and other runs never share its claims). A SLURM requeue
+    keeps the job id (and a rendezvous id derived from it): its restart count tells the launches apart."""
+    base = env.get("TORCHELASTIC_RUN_ID") or env.get("SLURM_JOB_ID") or env.get("MASTER_PORT", "local")
+    restart = env.get("SLURM_RESTART_COUNT", "0")
+    return base if restart in ("", "0") else f"{base}-restart{restart}"
 
 
 def wait_until(

@@ -215,3 +215,13 @@ def test_without_flock_the_owner_record_alone_excludes(tmp_path, monkeypatch, ca
     holder.release()
     assert other.try_acquire(Staleness()) is None
     other.release()
+
+
+def test_a_requeued_slurm_job_is_a_new_launch():
+    """After a requeue SLURM keeps the job id; the restart count keeps the dead launch's markers apart."""
+    from common.distributed import launch_id
+
+    assert launch_id({"SLURM_JOB_ID": "77"}) == launch_id({"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "0"})
+    assert launch_id({"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "1"}) == "77-restart1"
+    assert launch_id({"TORCHELASTIC_RUN_ID": "slurm-77", "SLURM_RESTART_COUNT": "2"}) == "slurm-77-restart2"
+    assert launch_id({"MASTER_PORT": "29500"}) == "29500"
