@@ -149,6 +149,7 @@ STAGES: dict[str, StageSpec] = {
             ignored=(
                 "resume",
                 "save_every",
+                "checkpoint_at_end",
                 "keep_checkpoints",
                 "num_gpus",
                 "num_nodes",

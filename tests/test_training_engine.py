@@ -145,6 +145,18 @@ def test_resume_gives_the_uninterrupted_losses_and_weights(make_cfg, tiny_root, 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_no_checkpoint_after_the_last_step_when_asked(make_cfg, tiny_root):
+    manifest, out = _train(
+        make_cfg,
+        tiny_root,
+        "training.max_steps=1",
+        "training.save_every=100",
+        "training.checkpoint_at_end=false",
+    )
+    assert manifest["steps"] == 1 and (out / "model" / "model.safetensors").is_file()
+    assert not list((out / "checkpoints").glob("step-*"))
+
+
 def test_two_processes_under_torchrun_train_the_same_steps_as_one(make_cfg, tiny_root, tmp_path):
     """training.num_gpus=2 relaunches run.py under torchrun (gloo); each step's 8 sequences are split
     over the two ranks, so the losses match the one-process run."""

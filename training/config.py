@@ -56,6 +56,10 @@ class TrainConfig:
     deepspeed: str = "zero2"
     """A name in conf/training/deepspeed/ (zero2, zero3, zero3_offload) or a path to a DeepSpeed JSON."""
     save_every: int = 500
+    checkpoint_at_end: bool = True
+    """Also checkpoint after the last step (what a later run with more steps, or a crash in the model
+    save, resumes from). false skips it (benchmarks, throw-away runs: at 8B it is ~90 GB of optimizer
+    state); the final model/ is written either way."""
     keep_checkpoints: int = 2
     resume: str = "auto"
     """auto: continue from the latest complete step-N/ checkpoint of this artifact; never: start over."""

@@ -250,7 +250,7 @@ def train(job: TrainJob, resolved_config: dict[str, Any]) -> dict[str, Any]:
             done = step + 1
             if done % conf.log_every == 0 or done == last:
                 _log_step(job, model, done, result, lr, time.perf_counter() - began, peak)
-            if done % conf.save_every == 0 or done == last:
+            if done % conf.save_every == 0 or (done == last and conf.checkpoint_at_end):
                 state = {
                     "tokens_seen": done * plan.tokens_per_step,
                     "sequences_seen": done * plan.sequences_per_step,
