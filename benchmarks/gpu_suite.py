@@ -43,7 +43,7 @@ PARTS = {  # name -> (module, function, time box on the device in s, in smoke mo
     "versions": ("gpu_parts", "part_versions", 60, 120),
     "triton_correctness": ("gpu_parts", "part_triton_correctness", 120, 300),
     "throughput": ("gpu_parts", "part_throughput", 90, 300),
-    "pytest_cuda": ("gpu_parts", "part_pytest_cuda", 180, 300),
+    "pytest_cuda": ("gpu_parts", "part_pytest_cuda", 240, 300),
     "score_e2e": ("gpu_parts_pipeline", "part_score_e2e", 150, 300),
     "train_step": ("gpu_parts_pipeline", "part_train_step", 240, 300),
     "eval": ("gpu_parts_pipeline", "part_eval", 150, 300),
