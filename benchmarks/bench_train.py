@@ -207,6 +207,7 @@ def measure_step(
         "non_embedding_params": non_embedding_params(lm),
         "flops_per_token": flops_tok,
         "step_seconds": times,
+        "mean_step_seconds": step_s,
         "tokens_per_s": tok_s,
         "mfu": None if peak is None else tok_s * flops_tok / peak,
         "peak_memory_gib": peak_memory_gib(dev),
@@ -228,7 +229,7 @@ def run_step(args) -> None:
     )
     mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
     print(
-        f"tokens/s/device {r['tokens_per_s']:,.0f}; step {sum(r['step_seconds'][1:]) / max(len(r['step_seconds']) - 1, 1):.3f} s "
+        f"tokens/s/device {r['tokens_per_s']:,.0f}; step {r['mean_step_seconds']:.3f} s "
         f"(warm-up step {r['step_seconds'][0]:.2f} s); MFU {mfu}; peak mem {r['peak_memory_gib']:.2f} GiB"
     )
 

@@ -87,7 +87,7 @@ def part_env(args: argparse.Namespace, extra: dict[str, str]) -> dict[str, str]:
 
 
 def run_part(name: str, args: argparse.Namespace, env: dict[str, str], budget_s: float, log) -> dict:
-    module, _, box_full, box_smoke = PARTS[name]
+    *_, box_full, box_smoke = PARTS[name]
     box = min(box_smoke if args.smoke else box_full, budget_s)
     result_path = args.work / f"{name}.json"
     result_path.unlink(missing_ok=True)
