@@ -197,7 +197,7 @@ def _train_overrides(mode: str, work: Path) -> list[str]:
         "training.num_gpus=1",
         "training.deepspeed=zero2",
         "training.save_every=1000",
-        "training.checkpoint_at_end=false",  # ~27 GB of optimizer state at this shape: no time for it
+        "training.checkpoint_at_end=false",  # ~27 GB of optimizer state at this shape (arithmetic): no time
     ]
 
 

@@ -58,7 +58,7 @@ class TrainConfig:
     save_every: int = 500
     checkpoint_at_end: bool = True
     """Also checkpoint after the last step (what a later run with more steps, or a crash in the model
-    save, resumes from). false skips it (benchmarks, throw-away runs: at 8B it is ~90 GB of optimizer
+    save, resumes from). false skips it (benchmarks, throw-away runs: at 8B, by arithmetic, ~90 GB of optimizer
     state); the final model/ is written either way."""
     keep_checkpoints: int = 2
     resume: str = "auto"
